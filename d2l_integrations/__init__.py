@@ -1,0 +1,1 @@
+"""d2l_integrations: Doc-to-LoRA parametric document memory for LangChain and LlamaIndex."""
