@@ -216,7 +216,8 @@ class PerceiverStack(nn.Module):
 
     def __init__(self, config: HypernetworkConfig, *, num_latents: int, num_blocks: int) -> None:
         super().__init__()
-        self.latents_q = nn.Parameter(torch.ones(num_latents, config.latent_size))
+        # random, not constant: identical queries would stay identical (every rank the same) forever
+        self.latents_q = nn.Parameter(torch.randn(num_latents, config.latent_size))
         self.layers = nn.ModuleList(PerceiverLayer(config) for _ in range(num_blocks))
         self.layernorm = RMSNorm(config.latent_size, config.rms_norm_eps)
 
@@ -504,6 +505,10 @@ class HypernetworkInternalizer:
         self.checkpoint_id = checkpoint_id if checkpoint_id is not None else hypernetwork.checkpoint_id
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.prefer_over_distill = False
+        """Held-out evals say this checkpoint beats gradient distillation (set by ``load_internalizer``)."""
+        self.metadata: dict[str, Any] = {}
+        """The checkpoint's metadata (data summary, eval table, ...), when loaded from a folder."""
 
     @property
     def config(self) -> HypernetworkConfig:

@@ -146,8 +146,7 @@ def _decide_auto(
             route=Route.FULL_CONTEXT, policy=auto, scores=scores,
             reason=f"All documents fit in {signals.knowledge_tokens} <= full_context_max_tokens={config.full_context_max_tokens} tokens.",
         )
-    top = signals.chunks[: config.top_k]
-    rag = RouteDecision(route=Route.RAG, policy=auto, scores=scores, chunk_ids=tuple(c.chunk_id for c in top), reason="")
+    rag = RouteDecision(route=Route.RAG, policy=auto, scores=scores, chunk_ids=rag_chunk_ids(signals, relevant, config), reason="")
     cues = query_cues(signals.query, config)
     if "verbatim" in cues:
         return replace(rag, reason="The query asks for exact wording (a cue in rag_cues); adapters store facts, not verbatim text.")
@@ -185,12 +184,12 @@ def confidence_fallback(
         return None
     if mean_logprob >= config.min_confidence:
         return None
-    scores = {**decision.scores, "mean_logprob": float(mean_logprob)}
+    scores = {**decision.scores, "d2l_mean_logprob": float(mean_logprob)}
     why = f"The D2L answer's mean log-prob {mean_logprob:.3f} is below min_confidence={config.min_confidence:g}"
     if signals.has_knowledge_base:
-        top = signals.chunks[: config.top_k]
+        relevant = relevant_chunks(signals.chunks, config)
         return RouteDecision(
-            route=Route.RAG, policy=Route.AUTO, scores=scores, chunk_ids=tuple(c.chunk_id for c in top),
+            route=Route.RAG, policy=Route.AUTO, scores=scores, chunk_ids=rag_chunk_ids(signals, relevant, config),
             fallback_from=Route.D2L, reason=f"{why}; re-answered by RAG.",
         )
     if 0 < signals.knowledge_tokens < signals.context_window // 2:
@@ -199,6 +198,11 @@ def confidence_fallback(
             reason=f"{why}; re-answered with the internalized text in the prompt.",
         )
     return None
+
+
+def rag_chunk_ids(signals: RoutingSignals, relevant: tuple[ChunkSignal, ...], config: RouterConfig) -> tuple[str, ...]:
+    """Chunks RAG puts in the prompt: the relevant ones (else the best retrieved), at most ``top_k``."""
+    return tuple(c.chunk_id for c in (relevant or signals.chunks)[: config.top_k])
 
 
 def _scores(signals: RoutingSignals, relevant: tuple[ChunkSignal, ...]) -> dict[str, float]:
@@ -229,4 +233,4 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE)
 
 
-__all__ = ["ChunkSignal", "RoutingSignals", "confidence_fallback", "decide", "query_cues", "relevant_chunks"]
+__all__ = ["ChunkSignal", "RoutingSignals", "confidence_fallback", "decide", "query_cues", "rag_chunk_ids", "relevant_chunks"]

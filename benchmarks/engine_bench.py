@@ -1,0 +1,156 @@
+"""Engine cost benchmark on the embedded default model (issue 2 targets).
+
+Run (CPU, offline):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.engine_bench --out benchmarks/results/engine_cpu.md
+
+Prints and writes a markdown table:
+- internalize time per 512-token chunk (hypernetwork forward incl. the encoder pass) vs one plain
+  prefill of the same tokens            (target: <= 1.5x)
+- query latency with an adapter applied (per-row hooks, and merged) vs without  (target: <= 1.15x)
+- adapter bytes vs the KV-cache bytes of the chunk                               (target: <= 0.1x)
+
+Timing does not depend on whether the hypernetwork is trained; when no checkpoint ships for the
+default model, a randomly initialised hypernetwork of the shipped size is timed and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- settings
+CHUNK_TOKENS = 512
+NEW_TOKENS = 32
+REPEATS = 5
+THREADS = 2
+# -----------------------------------------------------------------------------
+
+
+def median_time(fn, repeats: int = REPEATS) -> float:  # noqa: ANN001
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+
+    from d2l_integrations.engine.apply import merged_adapter
+    from d2l_integrations.engine.config import HypernetworkConfig
+    from d2l_integrations.engine.engine import D2LEngine
+    from d2l_integrations.engine.hypernetwork import Hypernetwork, HypernetworkInternalizer
+
+    engine = D2LEngine.default(device=args.device)
+    base = engine.base
+    trained = engine.hypernetwork is not None
+    if trained:
+        internalizer = engine.hypernetwork
+    else:
+        config = HypernetworkConfig(
+            num_layers=base.num_layers,
+            hidden_size=base.hidden_size,
+            module_dims=base.module_dims(["down_proj"]),
+            latent_size=256,
+            num_blocks=3,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            base_model=base.name,
+        )
+        internalizer = HypernetworkInternalizer(Hypernetwork(config).to(base.dtype), checkpoint_id="untrained-timing-only")
+    n_params = sum(p.numel() for p in internalizer.hypernetwork.parameters())
+
+    text = (Path(__file__).resolve().parents[1] / "d2l_integrations" / "samples" / "zorblax_institute.md").read_text()
+    ids = base.tokenizer(text * 20, add_special_tokens=False)["input_ids"][:CHUNK_TOKENS]
+    chunk = base.tokenizer.decode(ids)
+    input_ids = torch.tensor([ids], device=base.device)
+
+    with torch.inference_mode():
+        prefill_s = median_time(lambda: base.model(input_ids=input_ids))
+    internalize_s = median_time(lambda: internalizer.internalize_chunks(base, [chunk]))
+    adapter = internalizer.internalize_chunks(base, [chunk])[0]
+
+    question = [{"role": "user", "content": "Who founded the Zorblax Institute, and when?"}]
+    kw = dict(max_new_tokens=NEW_TOKENS, stop=())
+
+    def plain() -> None:
+        g = engine.generate(question, adapters=None, **kw)
+        assert g.completion_tokens > 0
+
+    def hooked() -> None:
+        engine.generate(question, adapters=adapter, **kw)
+
+    def merged() -> None:
+        with merged_adapter(base.model, adapter):
+            engine.generate(question, adapters=None, **kw)
+
+    # Greedy decoding stops at EOS at different lengths with and without an adapter, so we time
+    # per generated token as well as per query.
+    plain_g = engine.generate(question, adapters=None, **kw)
+    hooked_g = engine.generate(question, adapters=adapter, **kw)
+    plain_s, hooked_s, merged_s = median_time(plain), median_time(hooked), median_time(merged)
+    plain_tok = plain_s / max(1, plain_g.completion_tokens)
+    hooked_tok = hooked_s / max(1, hooked_g.completion_tokens)
+    merged_tok = merged_s / max(1, hooked_g.completion_tokens)
+
+    cfg = base.model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * CHUNK_TOKENS * torch.finfo(base.dtype).bits // 8
+    adapter_doc = adapter.without_bias()
+    adapter_bytes_fp32 = adapter_doc.to(dtype=torch.float32).nbytes
+    adapter_bytes_bf16 = adapter_doc.to(dtype=torch.bfloat16).nbytes
+
+    results = {
+        "prefill_512_s": prefill_s,
+        "internalize_512_s": internalize_s,
+        "internalize_over_prefill": internalize_s / prefill_s,
+        "query_plain_s": plain_s,
+        "query_hooked_s": hooked_s,
+        "query_merged_s": merged_s,
+        "per_token_plain_s": plain_tok,
+        "per_token_hooked_s": hooked_tok,
+        "per_token_merged_s": merged_tok,
+        "hooked_over_plain_per_token": hooked_tok / plain_tok,
+        "merged_over_plain_per_token": merged_tok / plain_tok,
+        "kv_bytes_512": kv_bytes,
+        "adapter_bytes_fp32": adapter_bytes_fp32,
+        "adapter_bytes_bf16": adapter_bytes_bf16,
+        "adapter_over_kv_bf16": adapter_bytes_bf16 / kv_bytes,
+    }
+    rows = [
+        ("hypernetwork", f"{'trained checkpoint' if trained else 'UNTRAINED, random init (timing only)'}, {n_params / 1e6:.1f} M params"),
+        ("device / dtype / threads", f"{base.device} / {base.dtype} / {torch.get_num_threads()}"),
+        ("plain prefill, 512 tokens", f"{prefill_s * 1e3:.0f} ms"),
+        ("internalize one 512-token chunk (encoder + hypernetwork)", f"{internalize_s * 1e3:.0f} ms = {internalize_s / prefill_s:.2f}x prefill (target <= 1.5x)"),
+        (f"query, {NEW_TOKENS} new tokens max, no adapter", f"{plain_s * 1e3:.0f} ms ({plain_g.completion_tokens} tokens, {plain_tok * 1e3:.1f} ms/token)"),
+        ("query with adapter (per-row hooks)", f"{hooked_s * 1e3:.0f} ms ({hooked_g.completion_tokens} tokens, {hooked_tok * 1e3:.1f} ms/token = {hooked_tok / plain_tok:.2f}x, target <= 1.15x)"),
+        ("query with adapter merged into weights", f"{merged_s * 1e3:.0f} ms ({merged_tok * 1e3:.1f} ms/token = {merged_tok / plain_tok:.2f}x)"),
+        ("KV cache of the 512-token chunk", f"{kv_bytes / 1e6:.2f} MB ({base.dtype})"),
+        ("adapter (rank 8, bias LoRA excluded)", f"{adapter_bytes_bf16 / 1e6:.2f} MB bf16 = {adapter_bytes_bf16 / kv_bytes:.3f}x KV (target <= 0.1x); {adapter_bytes_fp32 / 1e6:.2f} MB fp32"),
+    ]
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = "HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.engine_bench --out " + str(args.out)
+        args.out.write_text(f"# Engine cost on {base.name}\n\nCommand: `{cmd}`\n\n{table}\n\n```json\n{json.dumps(results, indent=2)}\n```\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

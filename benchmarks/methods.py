@@ -1,0 +1,288 @@
+"""The six ways to answer a question from documents, measured the same way.
+
+    base          the plain model, no document anywhere (what the model already knows)
+    full_context  every document of the question in the prompt (the baseline D2L saves tokens against)
+    rag           the top-k retrieved chunks in the prompt (Chroma, all-MiniLM-L6-v2)
+    d2l           chunk adapters summed and applied, only the question in the prompt
+    hybrid        those adapters and the retrieved chunks' text
+    auto          the router's ``auto`` policy (routing/policies.py) picks one of the above per question,
+                  with its confidence fallback from d2l to rag
+
+``Workbench`` holds what the methods share: the engine, the chunks, one Chroma collection, and the
+chunk adapters (internalized once per document, before any question). ``Workbench.answer`` returns
+one plain dict per question: the prediction, tokens, timings and route.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from d2l_integrations.engine.lora import LoRAAdapter, compose_adapters
+from d2l_integrations.errors import ContextLengthError, NoAdaptersError
+from d2l_integrations.routing.config import RouterConfig
+from d2l_integrations.routing.decision import Route
+from d2l_integrations.routing.policies import ChunkSignal, RoutingSignals, confidence_fallback, decide
+
+from benchmarks.datasets import Question, Task
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("base", "full_context", "rag", "d2l", "hybrid", "auto")
+ADAPTER_METHODS = ("d2l", "hybrid", "auto")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    doc_id: str
+    text: str
+
+
+@dataclass
+class DocCost:
+    """One-off cost of internalizing one document."""
+
+    doc_id: str
+    task: str
+    n_chunks: int
+    internalize_s: float = 0.0
+    adapter_bytes: int = 0
+    status: str = "pending"  # ok | skipped | failed
+    reason: str = ""
+
+
+@dataclass
+class Workbench:
+    """Shared state of one benchmark run.
+
+    Args:
+        engine: a ``D2LEngine``.
+        tasks: the tasks whose documents are indexed and internalized.
+        embedder: callable texts -> unit vectors (default: the knowledge base's MiniLM function).
+        router: thresholds and the context template (``RouterConfig.default`` for the engine's model).
+        chunk_tokens: chunk length, shared by retrieval and internalization so a chunk's text and
+            its adapter are the same unit.
+        internalize_method: ``auto`` | ``distill`` | ``hypernetwork`` (``D2LEngine.internalizer``).
+        max_chunks_per_doc: documents with more chunks are not internalized (d2l then reports
+            ``skipped``); None internalizes everything.
+        max_new_tokens: answer length cap for every method.
+    """
+
+    engine: Any
+    tasks: Sequence[Task]
+    embedder: Callable[[list[str]], Any] | None = None
+    router: RouterConfig | None = None
+    chunk_tokens: int | None = None
+    internalize_method: str = "auto"
+    max_chunks_per_doc: int | None = None
+    max_new_tokens: int = 24
+    chunks: dict[str, Chunk] = field(default_factory=dict)
+    doc_chunks: dict[str, list[str]] = field(default_factory=dict)
+    adapters: dict[str, LoRAAdapter] = field(default_factory=dict)
+    doc_costs: dict[str, DocCost] = field(default_factory=dict)
+    internalizer_name: str | None = None
+    internalizer_checkpoint: str | None = None
+    index_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.router = self.router or RouterConfig.default(self.engine.base.name)
+        if self.embedder is None:
+            from d2l_integrations.knowledge.embeddings import MiniLMEmbeddingFunction
+
+            self.embedder = MiniLMEmbeddingFunction()
+        self.documents = {d: t for task in self.tasks for d, t in task.documents.items()}
+        self.doc_task = {d: task.name for task in self.tasks for d in task.documents}
+        self._collection = None
+
+    # ------------------------------------------------------------------ index (rag)
+    def index(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Chunk every document and put the chunks in an in-memory Chroma collection."""
+        import chromadb
+        from chromadb.config import Settings
+
+        t0 = time.perf_counter()
+        for i, (doc_id, text) in enumerate(self.documents.items()):
+            ids = []
+            for j, chunk in enumerate(self.engine.chunk(text, chunk_tokens=self.chunk_tokens)):
+                chunk_id = f"{doc_id}#{j}"
+                self.chunks[chunk_id] = Chunk(chunk_id, doc_id, chunk)
+                ids.append(chunk_id)
+            self.doc_chunks[doc_id] = ids
+            if progress:
+                progress(i + 1, len(self.documents))
+        client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False, allow_reset=True))
+        name = f"bench-{id(self)}"
+        self._collection = client.get_or_create_collection(name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
+        ids = list(self.chunks)
+        for start in range(0, len(ids), 256):
+            batch = ids[start : start + 256]
+            texts = [self.chunks[c].text for c in batch]
+            self._collection.add(
+                ids=batch, documents=texts, embeddings=[list(map(float, v)) for v in self.embedder(texts)],
+                metadatas=[{"doc_id": self.chunks[c].doc_id} for c in batch],
+            )
+        self.index_s = time.perf_counter() - t0
+
+    def retrieve(self, query: str, doc_ids: Sequence[str], k: int) -> list[tuple[str, float]]:
+        """The ``k`` chunks of ``doc_ids`` most similar to ``query``: (chunk id, cosine similarity), best first."""
+        pool = sum(len(self.doc_chunks[d]) for d in doc_ids)
+        where = {"doc_id": doc_ids[0]} if len(doc_ids) == 1 else {"doc_id": {"$in": list(doc_ids)}}
+        result = self._collection.query(
+            query_embeddings=[list(map(float, self.embedder([query])[0]))], n_results=max(1, min(k, pool)),
+            where=where, include=["distances"],
+        )
+        return [(c, 1.0 - float(d)) for c, d in zip(result["ids"][0], result["distances"][0], strict=True)]
+
+    # ------------------------------------------------------------------ internalize (d2l)
+    def internalize(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """One adapter per chunk of every document, timed per document."""
+        internalizer = self.engine.internalizer(self.internalize_method)
+        self.internalizer_name = internalizer.name
+        self.internalizer_checkpoint = getattr(internalizer, "checkpoint_id", None)
+        todo = list(self.documents)
+        for i, doc_id in enumerate(todo):
+            chunk_ids = self.doc_chunks[doc_id]
+            cost = DocCost(doc_id, self.doc_task[doc_id], len(chunk_ids))
+            self.doc_costs[doc_id] = cost
+            if self.max_chunks_per_doc is not None and len(chunk_ids) > self.max_chunks_per_doc:
+                cost.status = "skipped"
+                cost.reason = f"{len(chunk_ids)} chunks > this suite's internalize budget of {self.max_chunks_per_doc} per document"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    made = self.engine.internalize_chunks(
+                        [self.chunks[c].text for c in chunk_ids], method=self.internalize_method, chunk_ids=chunk_ids
+                    )
+                except Exception as err:  # noqa: BLE001 - one failing document must not end the run; it is reported
+                    cost.status, cost.reason = "failed", f"{type(err).__name__}: {err}"
+                    logger.warning("Internalizing %s failed: %s", doc_id, err)
+                else:
+                    cost.internalize_s = time.perf_counter() - t0
+                    self.adapters.update(zip(chunk_ids, made, strict=True))
+                    cost.adapter_bytes = sum(a.nbytes for a in made)
+                    cost.status = "ok"
+            if progress:
+                progress(i + 1, len(todo))
+
+    # ------------------------------------------------------------------ answering
+    def answer(self, method: str, task: Task, q: Question) -> dict[str, Any]:
+        """Answer ``q`` with ``method``; a plain dict with the prediction, its cost and how it was made."""
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"method": method, "task": task.name, "kind": task.kind, "id": q.id, "question": q.question,
+                               "answers": list(q.answers), "meta": dict(q.meta), "status": "ok", "route": method,
+                               "retrieve_s": 0.0, "n_adapters": 0, "chunk_ids": []}
+        try:
+            if method == "auto":
+                self._auto(q, row)
+            else:
+                self._run(Route(method), q, row)
+        except ContextLengthError as err:
+            row.update(status="over_context", prediction="", reason=str(err))
+        except NoAdaptersError as err:
+            row.update(status="skipped", prediction="", reason=str(err))
+        row["latency_s"] = time.perf_counter() - t0
+        return row
+
+    def _run(self, route: Route, q: Question, row: dict[str, Any], chunk_ids: Sequence[str] | None = None) -> None:
+        question = q.question
+        context_chunks: list[str] = []
+        adapter: LoRAAdapter | None = None
+        if route is Route.FULL_CONTEXT:
+            context = "\n\n".join(self.documents[d] for d in q.doc_ids)
+            row["prompt_tokens_needed"] = self.engine.count_tokens(context)
+            question = self.router.context_template.format(context=context, question=q.question)
+        if route in (Route.RAG, Route.HYBRID):
+            picked = list(chunk_ids) if chunk_ids is not None else self._retrieve(q, row, self.router.top_k)
+            context_chunks = picked
+            context = "\n\n".join(self.chunks[c].text for c in picked)
+            question = self.router.context_template.format(context=context, question=q.question)
+        if route in (Route.D2L, Route.HYBRID):
+            adapter = self._adapter_for(q, row, chunk_ids if route is Route.D2L else None)
+        gen = self.engine.generate([{"role": "user", "content": question}], adapters=adapter, max_new_tokens=self.max_new_tokens)
+        row.update(
+            prediction=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+            mean_logprob=gen.mean_logprob, finish_reason=gen.finish_reason,
+            ttft_s=row["retrieve_s"] + row.get("compose_s", 0.0) + gen.timings.get("first_token_s", 0.0),
+            generate_s=gen.timings.get("total_s", 0.0),
+        )
+        if context_chunks:
+            row["chunk_ids"] = sorted(set(row["chunk_ids"]) | set(context_chunks))
+
+    def _retrieve(self, q: Question, row: dict[str, Any], k: int) -> list[str]:
+        t0 = time.perf_counter()
+        hits = self.retrieve(_query_text(q), q.doc_ids, k)
+        row["retrieve_s"] += time.perf_counter() - t0
+        row["retrieved"] = [[c, round(s, 4)] for c, s in hits]
+        return [c for c, _ in hits]
+
+    def _adapter_for(self, q: Question, row: dict[str, Any], chunk_ids: Sequence[str] | None) -> LoRAAdapter:
+        """The summed adapters of the question's knowledge: all chunks when they fit the router's
+        adapter budget, else the top retrieved ones (as the router's d2l route does)."""
+        if chunk_ids is None:
+            knowledge = [c for d in q.doc_ids for c in self.doc_chunks[d]]
+            chunk_ids = knowledge if len(knowledge) <= self.router.adapter_budget else self._retrieve(q, row, self.router.adapter_budget)
+        missing = [c for c in chunk_ids if c not in self.adapters]
+        if missing:
+            reasons = {self.doc_costs[self.chunks[c].doc_id].reason for c in missing if self.chunks[c].doc_id in self.doc_costs}
+            msg = f"{len(missing)} of {len(chunk_ids)} chunks have no adapter: {'; '.join(sorted(reasons)) or 'not internalized'}."
+            raise NoAdaptersError(msg)
+        t0 = time.perf_counter()
+        adapter = compose_adapters([self.adapters[c] for c in chunk_ids])
+        row["compose_s"] = time.perf_counter() - t0
+        row["n_adapters"] = len(chunk_ids)
+        row["chunk_ids"] = sorted(set(row["chunk_ids"]) | set(chunk_ids))
+        return adapter
+
+    def _auto(self, q: Question, row: dict[str, Any]) -> None:
+        cfg = self.router
+        t0 = time.perf_counter()
+        hits = self.retrieve(_query_text(q), q.doc_ids, cfg.top_k)
+        row["retrieve_s"] += time.perf_counter() - t0
+        row["retrieved"] = [[c, round(s, 4)] for c, s in hits]
+        signals = RoutingSignals(
+            query=_query_text(q), has_knowledge_base=True,
+            chunks=tuple(ChunkSignal(c, s, c if c in self.adapters else None) for c, s in hits),
+            knowledge_tokens=sum(self.engine.count_tokens(self.documents[d]) for d in q.doc_ids),
+            context_window=self.engine.base.context_window,
+        )
+        decision = decide(Route.AUTO, signals, cfg)
+        row["route"], row["route_reason"] = decision.route.value, decision.reason
+        self._run(decision.route, q, row, chunk_ids=decision.adapter_ids or decision.chunk_ids or None)
+        if "mean_logprob" in row and decision.route is Route.D2L:
+            fallback = confidence_fallback(decision, row["mean_logprob"], cfg, signals)
+            if fallback is not None:
+                first = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "generate_s")}
+                row["route"], row["route_reason"], row["fallback_from"] = fallback.route.value, fallback.reason, "d2l"
+                self._run(fallback.route, q, row, chunk_ids=fallback.chunk_ids or None)
+                # both generations were paid for
+                row["prompt_tokens"] += first["prompt_tokens"]
+                row["completion_tokens"] += first["completion_tokens"]
+                row["ttft_s"] += first["generate_s"]  # the first answer was generated and discarded before this one began
+
+    # ------------------------------------------------------------------ the summed-adapters curve
+    def answer_with_n_adapters(self, task: Task, q: Question, n: int) -> dict[str, Any]:
+        """d2l with the gold document's chunk adapters plus distractor documents' up to ``n`` adapters."""
+        gold = q.meta.get("gold_doc", q.doc_ids[0])
+        others = [d for d in q.doc_ids if d != gold]
+        chunk_ids = [c for d in [gold, *others] for c in self.doc_chunks[d]][:n]
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"method": "d2l_sum", "task": task.name, "kind": task.kind, "id": q.id, "question": q.question,
+                               "answers": list(q.answers), "meta": dict(q.meta), "status": "ok", "route": "d2l",
+                               "retrieve_s": 0.0, "n_adapters": 0, "chunk_ids": []}
+        try:
+            self._run(Route.D2L, q, row, chunk_ids=chunk_ids)
+        except NoAdaptersError as err:
+            row.update(status="skipped", prediction="", reason=str(err))
+        row["latency_s"] = time.perf_counter() - t0
+        return row
+
+
+def _query_text(q: Question) -> str:
+    return q.question
+
+
+__all__ = ["ADAPTER_METHODS", "METHODS", "Chunk", "DocCost", "Workbench"]

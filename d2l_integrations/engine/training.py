@@ -1,0 +1,615 @@
+"""Context-distillation trainer for a D2L hypernetwork.
+
+Teacher: the frozen base model with the document in the prompt. Student: the same frozen model
+*without* the document, plus the LoRA the hypernetwork generated from the document. The loss is
+KL(teacher || student) over the response tokens (full vocabulary, or the teacher's top-k), plus an
+optional cross-entropy on the response's key tokens (the needle's digits, the fact); only the
+hypernetwork gets gradients.
+
+One teacher pass serves twice: its hidden states over the document prefix (system + user turn up
+to the end of the document) are the encoder features, which is exact because that prefix is
+causal. Lengths are bucketed, logits are computed only at response positions, the base runs in
+bf16 on CUDA.
+
+Any hypernetwork-like module works if it has
+
+    forward(features [n, L, T, H], attention_mask [n, T]) -> {module: (A [n, L, r, d_in], B [n, L, r, d_out])}
+    bias_factors() -> {module: (A [L, rb, d_in], B [L, rb, d_out])} | None     (optional)
+    config.lora_alpha                                                           (delta = alpha * A^T B)
+
+Run (GPU machine; ``--help`` lists every option)::
+
+    python -m d2l_integrations.engine.training --base /root/stage --gguf smol.gguf \\
+        --tasks needle:1 --out /root/run1 --minutes 8
+
+State under ``--out``: ``state.pt`` (weights, optimizer, step, config; written atomically every
+``save_every`` steps and at the end), ``log.jsonl`` (one line per ``log_every`` steps and per
+eval). Re-running the same command resumes; another base model or hypernetwork config stops with
+a clear error. The data position is the step (batches are a pure function of seed and step).
+
+Only torch, transformers, numpy (and the package's own engine modules) are imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2l_integrations.engine.training_data import Example, TaskMix, make_task
+
+logger = logging.getLogger(__name__)
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [n, L, r, d_in], B [n, L, r, d_out])
+
+
+# ------------------------------------------------------------------------------------- config
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Settings of one training run.
+
+    Args:
+        tasks: ``(task, weight)`` pairs, e.g. ``(("needle", 1.0),)``; see ``training_data.make_task``.
+        task_kwargs: extra keyword arguments per task name (e.g. haystack length).
+        batch_size: documents per step (one question each).
+        lr: peak AdamW learning rate.
+        warmup_steps: linear warm-up steps.
+        max_steps: cosine decay horizon (and hard stop).
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        weight_decay: AdamW weight decay on matrices (not on norms, scalers, biases, latents).
+        grad_clip: global gradient-norm clip.
+        kl_weight: weight of KL(teacher || student) on response tokens.
+        ce_weight: weight of the cross-entropy on the response's key tokens.
+        top_k: if set, the KL uses only the teacher's top-k tokens (renormalised); None = full vocab.
+        bucket: sequence lengths are padded up to a multiple of this (fewer distinct shapes).
+        max_doc_tokens: documents are truncated to this many tokens (the teacher sees the same).
+        seed: data and init seed.
+        log_every, eval_every, save_every: in steps.
+        eval_size: held-out examples per task for the periodic (teacher-forced) eval.
+        system_prompt: None keeps the chat template's default.
+    """
+
+    tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
+    task_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    max_steps: int = 20_000
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    top_k: int | None = None
+    bucket: int = 32
+    max_doc_tokens: int = 512
+    seed: int = 11
+    log_every: int = 25
+    eval_every: int = 250
+    save_every: int = 250
+    eval_size: int = 64
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 1:
+            msg = f"batch_size and max_steps must be >= 1, got {self.batch_size} and {self.max_steps}."
+            raise ValueError(msg)
+        if not self.tasks:
+            msg = "tasks is empty: give at least one (task, weight) pair, e.g. (('needle', 1.0),)."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = [list(t) for t in self.tasks]
+        d["task_kwargs"] = {k: dict(v) for k, v in self.task_kwargs.items()}
+        return d
+
+
+# ------------------------------------------------------------------------- functional LoRA
+@contextmanager
+def lora_forward(model: nn.Module, module_paths: Mapping[tuple[str, int], str], factors: Factors | None,
+                 scaling: float, bias: Factors | None = None) -> Iterator[None]:
+    """Add ``scaling * (x A^T) B`` per batch row to the target modules, differentiably.
+
+    ``factors[module] = (A [n, L, r, d_in], B [n, L, r, d_out])``; ``bias[module]`` has the same
+    shapes without ``n`` and is applied to every row (concatenated on the rank axis).
+    ``module_paths[(module, layer)]`` is the module's path in ``model``.
+    """
+    handles = []
+    try:
+        for (module, layer), path in module_paths.items():
+            parts_a, parts_b = [], []
+            if factors is not None and module in factors:
+                a, b = factors[module]
+                parts_a.append(a[:, layer])
+                parts_b.append(b[:, layer])
+            if bias is not None and module in bias:
+                a, b = bias[module]
+                n = parts_a[0].shape[0] if parts_a else 1
+                parts_a.append(a[layer].unsqueeze(0).expand(n, -1, -1))
+                parts_b.append(b[layer].unsqueeze(0).expand(n, -1, -1))
+            if not parts_a:
+                continue
+            lora_a = torch.cat(parts_a, dim=1) if len(parts_a) > 1 else parts_a[0]  # [n, r, d_in]
+            lora_b = torch.cat(parts_b, dim=1) if len(parts_b) > 1 else parts_b[0]  # [n, r, d_out]
+
+            def hook(mod, args, out, lora_a=lora_a, lora_b=lora_b):  # noqa: ANN001, ANN202
+                x = args[0]
+                a = lora_a.to(x.dtype)
+                b = lora_b.to(x.dtype)
+                if a.shape[0] != x.shape[0]:
+                    a = a.expand(x.shape[0], -1, -1)
+                    b = b.expand(x.shape[0], -1, -1)
+                return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) * scaling
+
+            handles.append(model.get_submodule(path).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _roll(factors: Factors, shift: int = 1) -> Factors:
+    """Row i gets row i+shift's factors: the mismatched-document control."""
+    return {m: (a.roll(shift, 0), b.roll(shift, 0)) for m, (a, b) in factors.items()}
+
+
+# ----------------------------------------------------------------------------- tokenisation
+@dataclass
+class Batch:
+    """Token tensors of one batch (right-padded; lengths bucketed)."""
+
+    teacher_ids: torch.Tensor  # [n, Tt]
+    student_ids: torch.Tensor  # [n, Ts]
+    doc_len: torch.Tensor  # [n] prefix length (system + user turn through the document)
+    teacher_resp: torch.Tensor  # [n, R] position predicting response token j (index into teacher logits)
+    student_resp: torch.Tensor  # [n, R]
+    resp_ids: torch.Tensor  # [n, R] response token ids (target)
+    resp_mask: torch.Tensor  # [n, R] bool
+    key_mask: torch.Tensor  # [n, R] bool: response tokens inside ``key``
+    examples: list[Example]
+
+
+class Tokenizer:
+    """Builds teacher/student token rows from examples through the model's chat template."""
+
+    def __init__(self, tokenizer: Any, *, system_prompt: str | None = None, max_doc_tokens: int = 512, bucket: int = 32) -> None:
+        self.tok = tokenizer
+        self.system_prompt = system_prompt
+        self.max_doc_tokens = max_doc_tokens
+        self.bucket = bucket
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.end_ids = self._ids(tokenizer.eos_token or "")
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _messages(self, user: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return [*msgs, {"role": "user", "content": user}]
+
+    def _render(self, user: str) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(self._messages(user), tokenize=False, add_generation_prompt=True)
+        return f"user: {user}\nassistant:"
+
+    def truncate_doc(self, doc: str) -> str:
+        ids = self._ids(doc)
+        return doc if len(ids) <= self.max_doc_tokens else self.tok.decode(ids[: self.max_doc_tokens])
+
+    def teacher_prompt(self, doc: str, question: str) -> tuple[list[int], int]:
+        """Ids of the teacher prompt and the length of its prefix through the document."""
+        marker = "\x00DOC\x00"
+        text = self._render(marker + "\n\n" + question)
+        head, tail = text.split(marker)
+        prefix = self._ids(head + doc)
+        return prefix + self._ids(tail), len(prefix)
+
+    def student_prompt(self, question: str) -> list[int]:
+        if question not in self._cache:
+            self._cache[question] = self._ids(self._render(question))
+        return self._cache[question]
+
+    def response(self, ex: Example) -> tuple[list[int], list[bool]]:
+        """Response ids (with the end-of-turn token) and which of them lie in ``ex.key``."""
+        if ex.key and ex.key in ex.response:
+            i = ex.response.index(ex.key)
+            pre, key, post = self._ids(ex.response[:i]), self._ids(ex.response[i:i + len(ex.key)]), self._ids(ex.response[i + len(ex.key):])
+            return pre + key + post + self.end_ids, [False] * len(pre) + [True] * len(key) + [False] * (len(post) + len(self.end_ids))
+        ids = self._ids(ex.response)
+        return ids + self.end_ids, [False] * (len(ids) + len(self.end_ids))
+
+    def _pad_to(self, n: int) -> int:
+        return max(self.bucket, math.ceil(n / self.bucket) * self.bucket)
+
+    def batch(self, examples: Sequence[Example], device: torch.device) -> Batch:
+        rows_t, rows_s, doc_lens, resps, keys, t_starts, s_starts = [], [], [], [], [], [], []
+        for ex in examples:
+            doc = self.truncate_doc(ex.doc)
+            t_ids, dlen = self.teacher_prompt(doc, ex.question)
+            s_ids = self.student_prompt(ex.question)
+            r_ids, k_mask = self.response(ex)
+            rows_t.append(t_ids + r_ids)
+            rows_s.append(s_ids + r_ids)
+            doc_lens.append(dlen)
+            resps.append(r_ids)
+            keys.append(k_mask)
+            t_starts.append(len(t_ids))
+            s_starts.append(len(s_ids))
+        n = len(examples)
+        tt = self._pad_to(max(map(len, rows_t)))
+        ts = self._pad_to(max(map(len, rows_s)))
+        rr = max(map(len, resps))
+        teacher = torch.full((n, tt), self.pad_id, dtype=torch.long)
+        student = torch.full((n, ts), self.pad_id, dtype=torch.long)
+        t_pos = torch.zeros((n, rr), dtype=torch.long)
+        s_pos = torch.zeros((n, rr), dtype=torch.long)
+        resp = torch.full((n, rr), self.pad_id, dtype=torch.long)
+        rmask = torch.zeros((n, rr), dtype=torch.bool)
+        kmask = torch.zeros((n, rr), dtype=torch.bool)
+        for i in range(n):
+            teacher[i, : len(rows_t[i])] = torch.tensor(rows_t[i])
+            student[i, : len(rows_s[i])] = torch.tensor(rows_s[i])
+            r = len(resps[i])
+            # logits at position p predict token p+1: response token j sits at start+j
+            t_pos[i, :r] = torch.arange(t_starts[i] - 1, t_starts[i] - 1 + r)
+            s_pos[i, :r] = torch.arange(s_starts[i] - 1, s_starts[i] - 1 + r)
+            resp[i, :r] = torch.tensor(resps[i])
+            rmask[i, :r] = True
+            kmask[i, :r] = torch.tensor(keys[i])
+        return Batch(teacher.to(device), student.to(device), torch.tensor(doc_lens, device=device), t_pos.to(device),
+                     s_pos.to(device), resp.to(device), rmask.to(device), kmask.to(device), list(examples))
+
+
+# ---------------------------------------------------------------------------------- trainer
+def default_features(hidden_states: Sequence[torch.Tensor], num_layers: int) -> torch.Tensor:
+    """The residual stream entering each decoder layer, stacked: ``[n, L, T, H]``."""
+    return torch.stack(list(hidden_states[:num_layers]), dim=1)
+
+
+class DistillationTrainer:
+    """Trains ``hypernet`` to map a document's teacher features to a LoRA (see module docstring)."""
+
+    def __init__(self, base: Any, hypernet: nn.Module, config: TrainingConfig, *, out_dir: str | os.PathLike[str] | None = None,
+                 target_modules: Sequence[str] | None = None, eval_split: str = "eval",
+                 features_fn: Callable[..., Any] | None = None) -> None:
+        self.base = base
+        self.model = base.model
+        self.hypernet = hypernet
+        self.config = config
+        self.device = base.device
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.num_layers = base.num_layers
+        hcfg = getattr(hypernet, "config", None)
+        mods = target_modules or (hcfg.target_modules if hcfg is not None else ("down_proj",))
+        self.scaling = float(getattr(hypernet, "output_scaling", getattr(hcfg, "lora_alpha", 1.0)))
+        self.module_paths = {(m, layer): base.module_path(layer, m) for m in mods for layer in range(self.num_layers)}
+        self.tokens = Tokenizer(base.tokenizer, system_prompt=config.system_prompt, max_doc_tokens=config.max_doc_tokens, bucket=config.bucket)
+        self.features_fn = features_fn
+        try:  # the D2L convention (last entry through the final norm) when the hypernetwork module is there
+            from d2l_integrations.engine.hypernetwork import features_from_hidden_states
+
+            norm = self.model.model.norm
+            self._default_features = lambda hs: features_from_hidden_states(hs, norm)
+        except ImportError:
+            self._default_features = lambda hs: default_features(hs, self.num_layers)
+        kw = config.task_kwargs
+        self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed)
+        self.eval_sets = {t: TaskMix([(make_task(t, split=eval_split, **kw.get(t, {})), 1.0)], seed=config.seed + 1000).fixed(config.eval_size)
+                          for t, _ in config.tasks}
+        decay, no_decay = [], []
+        for name, p in hypernet.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "latent" not in name and "bias_" not in name else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
+        self.step = 0
+        self.elapsed_s = 0.0
+        self.tokens_seen = 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
+
+    # ------------------------------------------------------------------------------ passes
+    def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, *, hidden: bool = False) -> tuple[torch.Tensor, Any]:
+        out = self.model.model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        h = out.last_hidden_state
+        gathered = torch.gather(h, 1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return self.model.lm_head(gathered).float(), (out.hidden_states if hidden else None)
+
+    def teacher(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher logits at response positions, encoder features and their mask."""
+        with torch.no_grad():
+            logits, hs = self._logits_at(batch.teacher_ids, batch.teacher_resp, hidden=True)
+            t_doc = int(batch.doc_len.max())
+            t_doc = min(batch.teacher_ids.shape[1], math.ceil(t_doc / self.config.bucket) * self.config.bucket)
+            mask = torch.arange(t_doc, device=self.device)[None, :] < batch.doc_len[:, None]
+            sliced = [h[:, :t_doc] for h in hs]
+            if self.features_fn is not None:
+                got = self.features_fn(sliced, batch)
+                feats, mask = got if isinstance(got, tuple) else (got, mask)
+            else:
+                feats = self._default_features(sliced)
+        return logits, feats, mask
+
+    def generate_factors(self, feats: torch.Tensor, mask: torch.Tensor) -> Factors:
+        with self.autocast:
+            return self.hypernet(feats, mask)
+
+    def bias(self) -> Factors | None:
+        fn = getattr(self.hypernet, "bias_factors", None)
+        return fn() if fn is not None else None
+
+    def student(self, batch: Batch, factors: Factors | None, *, bias: bool = True) -> torch.Tensor:
+        with lora_forward(self.model, self.module_paths, factors, self.scaling, self.bias() if bias else None):
+            logits, _ = self._logits_at(batch.student_ids, batch.student_resp)
+        return logits
+
+    def losses(self, t_logits: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-example KL on response tokens and CE on key tokens (means over tokens)."""
+        s_logp = F.log_softmax(s_logits, -1)
+        if self.config.top_k:
+            top, idx = t_logits.topk(self.config.top_k, -1)
+            t_p = F.softmax(top, -1)
+            kl_tok = (t_p * (t_p.clamp_min(1e-12).log() - torch.gather(s_logp, -1, idx))).sum(-1)
+        else:
+            t_logp = F.log_softmax(t_logits, -1)
+            kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        ce_tok = -torch.gather(s_logp, -1, batch.resp_ids.unsqueeze(-1)).squeeze(-1)
+        rm, km = batch.resp_mask.float(), batch.key_mask.float()
+        kl = (kl_tok * rm).sum(1) / rm.sum(1).clamp_min(1)
+        ce = (ce_tok * km).sum(1) / km.sum(1).clamp_min(1)
+        acc = ((s_logits.argmax(-1) == batch.resp_ids).float() * km).sum(1) / km.sum(1).clamp_min(1)
+        return {"kl": kl, "key_ce": ce, "key_acc": acc}
+
+    # ------------------------------------------------------------------------------- train
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        self.hypernet.train()
+        batch = self.tokens.batch(self.train_data.batch(self.step, c.batch_size), self.device)
+        t_logits, feats, mask = self.teacher(batch)
+        factors = self.generate_factors(feats, mask)
+        s_logits = self.student(batch, factors)
+        parts = self.losses(t_logits, s_logits, batch)
+        loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
+        if not torch.isfinite(loss):
+            msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
+            raise FloatingPointError(msg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.tokens_seen += int(batch.teacher_ids.numel() + batch.student_ids.numel())
+        return {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
+                "key_acc": parts["key_acc"].mean().item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1)}
+
+    @torch.no_grad()
+    def eval_teacher_forced(self, batch_size: int = 32) -> dict[str, dict[str, float]]:
+        """Matched vs mismatched KL / key CE / key accuracy on the held-out sets."""
+        self.hypernet.eval()
+        out: dict[str, dict[str, float]] = {}
+        for task, exs in self.eval_sets.items():
+            agg: dict[str, list[float]] = {}
+            for i in range(0, len(exs), batch_size):
+                batch = self.tokens.batch(exs[i:i + batch_size], self.device)
+                if len(batch.examples) < 2:
+                    continue
+                t_logits, feats, mask = self.teacher(batch)
+                factors = self.generate_factors(feats, mask)
+                for cond, fac, bias in (("matched", factors, True), ("mismatched", _roll(factors), True), ("bias_only", None, True), ("none", None, False)):
+                    parts = self.losses(t_logits, self.student(batch, fac, bias=bias), batch)
+                    for k, v in parts.items():
+                        agg.setdefault(f"{cond}_{k}", []).extend(v.tolist())
+            out[task] = {k: float(np.mean(v)) for k, v in agg.items()}
+        return out
+
+    def train(self, *, deadline: float | None = None, max_steps: int | None = None, on_log: Callable[[dict], None] | None = None) -> dict:
+        """Train until ``max_steps`` or the wall-clock ``deadline`` (``time.time()`` seconds)."""
+        c = self.config
+        stop = min(c.max_steps, max_steps or c.max_steps)
+        t0 = time.time()
+        t_last, tok_last, step_times = t0, self.tokens_seen, []
+        ema: dict[str, float] = {}
+        while self.step < stop:
+            ts = time.time()
+            if deadline is not None and step_times and ts + 3 * float(np.median(step_times[-20:])) + 5 > deadline:
+                logger.info("Stopping at step %d before the deadline", self.step)
+                break
+            rec = self.train_step()
+            step_times.append(time.time() - ts)
+            for k, v in rec.items():
+                ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
+            if self.step % c.log_every == 0 or self.step == 1:
+                now = time.time()
+                line = {"step": self.step, **{k: round(v, 5) for k, v in rec.items()}, **{f"ema_{k}": round(v, 4) for k, v in ema.items() if k in ("loss", "kl", "key_ce", "key_acc")},
+                        "tok_per_s": round((self.tokens_seen - tok_last) / max(1e-9, now - t_last)), "s_per_step": round(float(np.median(step_times[-c.log_every:])), 4)}
+                t_last, tok_last = now, self.tokens_seen
+                self._log(line, on_log)
+            if c.eval_every and self.step % c.eval_every == 0:
+                self._log({"step": self.step, "eval": self.eval_teacher_forced()}, on_log)
+            if self.out_dir is not None and c.save_every and self.step % c.save_every == 0:
+                self.save_state()
+        self.elapsed_s += time.time() - t0
+        if self.out_dir is not None:
+            self.save_state()
+        return {"step": self.step, "elapsed_s": self.elapsed_s, "ema": ema}
+
+    def _log(self, line: dict, on_log: Callable[[dict], None] | None) -> None:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        (on_log or (lambda d: print(json.dumps(d), flush=True)))(line)
+
+    # ---------------------------------------------------------------------------- state
+    def _identity(self) -> dict[str, Any]:
+        hcfg = getattr(self.hypernet, "config", None)
+        return {"base_model": getattr(self.base, "name", None), "base_revision": getattr(self.base, "revision", None),
+                "hypernet": hcfg.to_dict() if hasattr(hcfg, "to_dict") else repr(hcfg), "hypernet_class": type(self.hypernet).__name__}
+
+    def save_state(self) -> Path:
+        assert self.out_dir is not None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "state.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen, "identity": self._identity(),
+                    "training_config": self.config.to_dict()}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def maybe_resume(self) -> bool:
+        """Load ``out_dir/state.pt`` if present; refuse another base model or hypernetwork config."""
+        if self.out_dir is None or not (self.out_dir / "state.pt").is_file():
+            return False
+        state = torch.load(self.out_dir / "state.pt", map_location=self.device, weights_only=False)
+        mine = self._identity()
+        if state["identity"] != mine:
+            diff = {k: (state["identity"].get(k), v) for k, v in mine.items() if state["identity"].get(k) != v}
+            msg = (f"Cannot resume from {self.out_dir}: it was trained with another base model or hypernetwork config "
+                   f"(saved vs now: {diff}). Use a new --out folder.")
+            raise ValueError(msg)
+        self.hypernet.load_state_dict(state["hypernet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        return True
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------ greedy eval
+@torch.no_grad()
+def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, batch_size: int = 32, max_new_tokens: int = 16,
+                conditions: Sequence[str] = ("no_context", "full_context", "d2l", "mismatched", "bias_only")) -> dict[str, Any]:
+    """The diagnostic table: contains-accuracy of greedy answers per condition.
+
+    ``mismatched`` uses the adapter of the next document in the list (another haystack/person).
+    Also reports, for ``mismatched``, how often the *other* document's answer comes out (leak).
+    """
+    tok = trainer.tokens
+    model = trainer.model
+    trainer.hypernet.eval()
+    hits: dict[str, list[bool]] = {c: [] for c in conditions}
+    leak: list[bool] = []
+    samples: dict[str, list[str]] = {c: [] for c in conditions}
+    examples = list(examples)
+    for i in range(0, len(examples), batch_size):
+        exs = examples[i:i + batch_size]
+        if len(exs) < 2:
+            break
+        batch = tok.batch(exs, trainer.device)
+        _, feats, mask = trainer.teacher(batch)
+        factors = trainer.generate_factors(feats, mask)
+        for cond in conditions:
+            if cond == "full_context":
+                prompts = [tok.teacher_prompt(tok.truncate_doc(e.doc), e.question)[0] for e in exs]
+                fac, bias = None, False
+            else:
+                prompts = [tok.student_prompt(e.question) for e in exs]
+                fac = {"d2l": factors, "mismatched": _roll(factors, -1)}.get(cond)
+                bias = cond != "no_context"
+            texts = _generate(trainer, prompts, fac, bias, max_new_tokens)
+            for j, (e, t) in enumerate(zip(exs, texts, strict=True)):
+                hits[cond].append(any(a.lower() in t.lower() for a in e.answers))
+                if cond == "mismatched":
+                    other = exs[(j + 1) % len(exs)]
+                    leak.append(any(a.lower() in t.lower() for a in other.answers) and other.answers != e.answers)
+                if len(samples[cond]) < 3:
+                    samples[cond].append(t)
+    table = {c: 100.0 * float(np.mean(v)) for c, v in hits.items()}
+    table["mismatched_leak"] = 100.0 * float(np.mean(leak)) if leak else 0.0
+    return {"accuracy": table, "n": len(hits[conditions[0]]), "samples": samples}
+
+
+def _generate(trainer: DistillationTrainer, prompts: Sequence[list[int]], factors: Factors | None, bias: bool, max_new_tokens: int) -> list[str]:
+    tok = trainer.tokens
+    n, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((n, width), tok.pad_id, dtype=torch.long)
+    att = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        att[i, width - len(p):] = 1
+    with lora_forward(trainer.model, trainer.module_paths, factors, trainer.scaling, trainer.bias() if bias else None):
+        out = trainer.model.generate(input_ids=ids.to(trainer.device), attention_mask=att.to(trainer.device), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tok.pad_id, eos_token_id=list(trainer.base.eos_token_ids) or None)
+    return [tok.tok.decode(o[width:], skip_special_tokens=True) for o in out]
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _parse_tasks(spec: str) -> tuple[tuple[str, float], ...]:
+    out = []
+    for part in spec.split(","):
+        name, _, w = part.partition(":")
+        out.append((name.strip(), float(w or 1.0)))
+    return tuple(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train a D2L hypernetwork by context distillation.")
+    p.add_argument("--base", default="default", help="base model: 'default', HF id/folder, or a folder with --gguf")
+    p.add_argument("--gguf", default=None, help="GGUF file name inside --base")
+    p.add_argument("--tasks", default="needle:1", help="task:weight,... (needle, needle_alone, needle_line, needle_essay, facts, cloze)")
+    p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
+    p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    t_start = time.time()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.config import HypernetworkConfig
+    from d2l_integrations.engine.hypernetwork import Hypernetwork
+
+    base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
+    overrides = json.loads(args.hypernet_config) if args.hypernet_config else {}
+    hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
+                              base_model=base.name, base_model_revision=base.revision, **overrides)
+    hyper = Hypernetwork(hcfg).to(base.device)
+    cfg = TrainingConfig(tasks=_parse_tasks(args.tasks), batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out)
+    if trainer.maybe_resume():
+        logger.info("Resumed from %s at step %d", args.out, trainer.step)
+    deadline = t_start + 60 * args.minutes if args.minutes else None
+    trainer.train(deadline=deadline, max_steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The hypernetwork module and its internalizer, on a tiny random Llama and a toy tokenizer (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2l_integrations.engine.apply import use_adapters
+from d2l_integrations.engine.base_model import BaseModel
+from d2l_integrations.engine.config import HypernetworkConfig
+from d2l_integrations.engine.hypernetwork import (
+    CrossAttention,
+    Hypernetwork,
+    HypernetworkInternalizer,
+    default_module_path,
+    encode_context,
+    features_from_hidden_states,
+)
+from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
+from d2l_integrations.errors import ConfigError, IncompatibleCheckpointError, InvalidDocumentError
+
+LAYERS, HIDDEN, INTERMEDIATE = 2, 16, 32
+
+
+class ToyTokenizer:
+    """Character tokenizer with a BOS and a chat template, enough for the internalizer."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    chat_template = "toy"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + [3 + ord(c) % 60 for c in text]}
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": "S"}, *messages]
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def tiny_config(**overrides: Any) -> HypernetworkConfig:
+    settings: dict[str, Any] = dict(
+        num_layers=LAYERS, hidden_size=HIDDEN, module_dims=(("down_proj", INTERMEDIATE, HIDDEN), ("q_proj", HIDDEN, HIDDEN)),
+        rank=2, lora_alpha=3.0, latent_size=8, num_latents=3, num_blocks=2, num_heads=4, num_kv_heads=2, head_dim=4,
+        base_model="tiny",
+    )
+    return HypernetworkConfig(**(settings | overrides))
+
+
+def randomized(net: Hypernetwork, seed: int = 0) -> Hypernetwork:
+    """Give every parameter (scalers and norms included) a non-trivial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.25 * noise if ("scaler" in name or "norm" in name) else 0.3 * noise)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=48,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.model.norm.weight.normal_(1.0, 0.2)  # a misplaced final norm must show
+    return BaseModel(model=model, tokenizer=ToyTokenizer(), name="tiny", revision="rev-1")
+
+
+@pytest.fixture(scope="module")
+def net() -> Hypernetwork:
+    torch.manual_seed(1)
+    return randomized(Hypernetwork(tiny_config()))
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+ROWS = [[1, 5, 9, 3, 7, 11, 13], [1, 4, 6], [8, 10, 12, 14, 16]]
+
+
+def test_forward_shapes_for_several_modules(net: Hypernetwork, base: BaseModel) -> None:
+    ids, mask = padded(ROWS)
+    with torch.inference_mode():
+        factors = net(encode_context(base, ids, mask), mask)
+    assert list(factors) == ["down_proj", "q_proj"]
+    assert factors["down_proj"][0].shape == (3, LAYERS, 2, INTERMEDIATE)
+    assert factors["down_proj"][1].shape == (3, LAYERS, 2, HIDDEN)
+    assert factors["q_proj"][0].shape == (3, LAYERS, 2, HIDDEN)
+    assert all(torch.isfinite(t).all() for pair in factors.values() for t in pair)
+
+
+def test_features_equal_the_base_without_its_last_layer(base: BaseModel) -> None:
+    ids, mask = padded(ROWS[:1])
+    truncated = copy.deepcopy(base.model)
+    truncated.model.layers = truncated.model.layers[:-1]
+    with torch.inference_mode():
+        reference = torch.stack(truncated.model(input_ids=ids, output_hidden_states=True).hidden_states, dim=1)
+        got = encode_context(base, ids, mask)
+        out = base.model(input_ids=ids, output_hidden_states=True)
+        from_teacher = features_from_hidden_states(out.hidden_states, base.model.model.norm)
+    assert got.shape == (1, LAYERS, 7, HIDDEN)
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(from_teacher, got)
+
+
+def test_encode_context_ignores_active_adapters(base: BaseModel) -> None:
+    ids, mask = padded(ROWS)
+    g = torch.Generator().manual_seed(0)
+    adapter = LoRAAdapter(
+        {"model.layers.0.self_attn.q_proj": LoRAWeights(torch.randn(2, HIDDEN, generator=g), torch.randn(HIDDEN, 2, generator=g), 5.0)},
+        AdapterProvenance(base_model="tiny"),
+    )
+    with torch.inference_mode():
+        plain = encode_context(base, ids, mask)
+        with use_adapters(base.model, adapter):
+            assert torch.equal(encode_context(base, ids, mask), plain)
+
+
+def test_padding_never_changes_the_factors(net: Hypernetwork, base: BaseModel) -> None:
+    ids, mask = padded(ROWS)
+    with torch.inference_mode():
+        batched = net(encode_context(base, ids, mask), mask)
+        for row, tokens in enumerate(ROWS):
+            one_ids, one_mask = padded([tokens])
+            alone = net(encode_context(base, one_ids, one_mask), one_mask)
+            for module, (A, B) in alone.items():
+                torch.testing.assert_close(batched[module][0][row], A[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(batched[module][1][row], B[0], rtol=1e-5, atol=1e-6)
+    garbage = encode_context(base, ids, mask).clone()
+    garbage[mask.bool()[:, None, :, None].logical_not().expand_as(garbage)] = 1e4  # padded positions
+    with torch.inference_mode():
+        again = net(garbage, mask)
+    torch.testing.assert_close(again["down_proj"][0], batched["down_proj"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_cross_attention_groups_query_heads_like_sdpa() -> None:
+    torch.manual_seed(0)
+    attention = CrossAttention(tiny_config()).eval()
+    latents, context = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    q = attention.q_proj(latents).view(2, 3, 4, 4).transpose(1, 2)
+    k = attention.k_proj(context).view(2, 5, 2, 4).transpose(1, 2)
+    v = attention.v_proj(context).view(2, 5, 2, 4).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    expected = attention.o_proj(expected.transpose(1, 2).reshape(2, 3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(latents, context, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_network_leaves_the_base_unchanged(base: BaseModel) -> None:
+    fresh = Hypernetwork(tiny_config()).eval()
+    ids, mask = padded(ROWS[:1])
+    with torch.inference_mode():
+        adapter = fresh.to_adapters(fresh(encode_context(base, ids, mask), mask), base, AdapterProvenance(base_model="tiny"))[0]
+    for name in adapter.module_names:
+        assert not adapter.delta_weight(name).any()
+    lora_A = adapter.weights[base.module_path(0, "down_proj")].lora_A
+    assert torch.linalg.matrix_rank(lora_A) == 2  # distinct latent queries: the ranks are not copies
+
+
+def test_to_adapters_layout(net: Hypernetwork, base: BaseModel) -> None:
+    ids, mask = padded(ROWS[:2])
+    provenance = [AdapterProvenance(base_model="tiny", source_sha256=(s,)) for s in ("a", "b")]
+    with torch.inference_mode():
+        factors = net(encode_context(base, ids, mask), mask)
+        adapters = net.to_adapters(factors, base, provenance)
+    assert [a.provenance.source_sha256 for a in adapters] == [("a",), ("b",)]
+    assert adapters[0].bias is adapters[1].bias  # one bias LoRA, shared
+    bias = net.bias_factors()
+    for row, adapter in enumerate(adapters):
+        for module, (A, B) in factors.items():
+            for layer in range(LAYERS):
+                path = base.module_path(layer, module)
+                assert path == default_module_path(layer, module)
+                w = adapter.weights[path]
+                assert torch.equal(w.lora_A, A[row, layer]) and torch.equal(w.lora_B, B[row, layer].T)
+                assert w.scaling == 3.0 and adapter.bias is not None
+                assert torch.equal(adapter.bias[path].lora_B, bias[module][1][layer].T)
+                delta = 3.0 * (B[row, layer].T @ A[row, layer] + bias[module][1][layer].T @ bias[module][0][layer])
+                torch.testing.assert_close(adapter.delta_weight(path), delta, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="provenance"):
+        net.to_adapters(factors, base, provenance[:1] * 3)
+
+
+def test_no_bias_lora_when_disabled(base: BaseModel) -> None:
+    net = randomized(Hypernetwork(tiny_config(use_bias_lora=False)))
+    assert net.bias_factors() == {}
+    ids, mask = padded(ROWS[:1])
+    with torch.inference_mode():
+        adapter = net.to_adapters(net(encode_context(base, ids, mask), mask), None, AdapterProvenance(base_model="tiny"))[0]
+    assert adapter.bias is None
+
+
+def test_internalizer_results_do_not_depend_on_batching(net: Hypernetwork, base: BaseModel) -> None:
+    chunks = ["A long chunk of text here.", "short", "medium sized", "x"]
+    calls: list[tuple[int, int]] = []
+    one_batch = HypernetworkInternalizer(net, checkpoint_id="ckpt", max_batch_size=8).internalize_chunks(
+        base, chunks, chunk_ids=["c0", "c1", "c2", "c3"], progress=lambda done, total: calls.append((done, total)))
+    singles = HypernetworkInternalizer(net, checkpoint_id="ckpt", max_batch_size=1).internalize_chunks(base, chunks)
+    by_tokens = HypernetworkInternalizer(net, checkpoint_id="ckpt", max_batch_tokens=30).internalize_chunks(base, chunks)
+    assert calls == [(4, 4)]
+    for i, chunk in enumerate(chunks):
+        prov = one_batch[i].provenance
+        assert prov.source_sha256 == (hashlib.sha256(chunk.encode()).hexdigest(),)
+        assert prov.chunk_ids == (f"c{i}",) and prov.checkpoint_id == "ckpt" and prov.method == "hypernetwork"
+        assert (prov.base_model, prov.base_model_revision) == ("tiny", "rev-1")
+        for other in (singles[i], by_tokens[i]):
+            assert other.provenance.source_sha256 == prov.source_sha256
+            for name in one_batch[i].weights:
+                torch.testing.assert_close(other.delta_weight(name), one_batch[i].delta_weight(name), rtol=1e-5, atol=1e-6)
+
+
+def test_internalizer_batches_respect_the_bounds(net: Hypernetwork, base: BaseModel) -> None:
+    calls: list[tuple[int, int]] = []
+    HypernetworkInternalizer(net, max_batch_size=2).internalize_chunks(
+        base, ["a", "bb", "ccc", "dddd", "eeeee"], progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    internalizer = HypernetworkInternalizer(net, max_batch_size=8, max_batch_tokens=10)
+    token_ids = [[0] * n for n in (3, 3, 3, 6)]
+    assert internalizer._batches(token_ids) == [[0, 1, 2], [3]]
+
+
+def test_context_formats(net: Hypernetwork, base: BaseModel) -> None:
+    tokenizer = base.tokenizer
+    chunk = " some text "
+    raw = HypernetworkInternalizer(net).tokenize_chunk(base, chunk)
+    assert raw == [1] + tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    prefix_net = Hypernetwork(tiny_config(context_format="chat_prefix"))
+    prefix = HypernetworkInternalizer(prefix_net).tokenize_chunk(base, chunk)
+    assert prefix == tokenizer("<system>S</><user>" + chunk, add_special_tokens=False)["input_ids"]
+    chat = HypernetworkInternalizer(Hypernetwork(tiny_config(context_format="chat"))).tokenize_chunk(base, chunk)
+    assert chat == tokenizer("<system></><user>some text</><assistant>", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ConfigError, match="context_format"):
+        tiny_config(context_format="nope")
+
+
+def test_internalizer_refuses_bad_input(net: Hypernetwork, base: BaseModel) -> None:
+    internalizer = HypernetworkInternalizer(net)
+    with pytest.raises(InvalidDocumentError, match="empty"):
+        internalizer.internalize_chunks(base, ["fine", "   "])
+    with pytest.raises(InvalidDocumentError, match="single str"):
+        internalizer.internalize_chunks(base, "a document")
+    with pytest.raises(InvalidDocumentError, match="context window"):
+        internalizer.internalize_chunks(base, ["y" * 100])
+    with pytest.raises(ValueError, match="chunk_ids"):
+        internalizer.internalize_chunks(base, ["a", "b"], chunk_ids=["only one"])
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        HypernetworkInternalizer(net, max_batch_size=0)
+    other = HypernetworkInternalizer(Hypernetwork(tiny_config(num_layers=3, base_model="bigger")))
+    with pytest.raises(IncompatibleCheckpointError, match="'bigger'.*'tiny'"):
+        other.internalize_chunks(base, ["text"])
+
+
+def test_bf16_base_with_fp32_hypernetwork(net: Hypernetwork, base: BaseModel) -> None:
+    bf16 = BaseModel(model=copy.deepcopy(base.model).to(torch.bfloat16), tokenizer=base.tokenizer, name="tiny", revision="rev-1")
+    internalizer = HypernetworkInternalizer(net)
+    [reference] = internalizer.internalize_chunks(base, ["some document text"])
+    [low] = internalizer.internalize_chunks(bf16, ["some document text"])
+    for name in reference.weights:
+        assert low.weights[name].lora_A.dtype == torch.float32
+        expected = reference.delta_weight(name)
+        assert (low.delta_weight(name) - expected).abs().max() <= 0.1 * expected.abs().max()
+    with torch.inference_mode(), use_adapters(bf16.model, low):
+        assert torch.isfinite(bf16.model(input_ids=torch.tensor([[1, 4, 5]])).logits).all()

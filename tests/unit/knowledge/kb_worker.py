@@ -1,0 +1,80 @@
+"""A separate process that uses a knowledge base, for the multi-process tests.
+
+    python -m tests.unit.knowledge.kb_worker add STORE FILE... [--delay S] [--batch-size N]
+    python -m tests.unit.knowledge.kb_worker add-texts STORE PREFIX N
+    python -m tests.unit.knowledge.kb_worker stream FILE          # chunk a big file, report peak RSS
+
+Prints one JSON line on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+
+def fact(prefix: str, i: int) -> str:
+    """A text with a unique, searchable fact."""
+    return (
+        f"Record {prefix}-{i}. The vault keeper of sector {prefix}{i} is named Keeper{prefix.upper()}{i}. "
+        f"Sector {prefix}{i} stores {i * 13} crates of {prefix} amber, counted every {i + 2} days."
+    )
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_add = sub.add_parser("add")
+    p_add.add_argument("store")
+    p_add.add_argument("files", nargs="+")
+    p_add.add_argument("--delay", type=float, default=0.0)
+    p_add.add_argument("--batch-size", type=int, default=32)
+    p_texts = sub.add_parser("add-texts")
+    p_texts.add_argument("store")
+    p_texts.add_argument("prefix")
+    p_texts.add_argument("n", type=int)
+    p_stream = sub.add_parser("stream")
+    p_stream.add_argument("file")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "stream":
+        from transformers import AutoTokenizer
+
+        from d2l_integrations.knowledge.embeddings import default_model_path
+        from d2l_integrations.knowledge.ingestion import Chunker, load_source
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+        chunker = Chunker(tokenizer, chunk_tokens=384, overlap_tokens=32)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        source = load_source(Path(args.file))
+        count = sum(1 for _ in chunker.chunk(source))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"chunks": count, "rss_before_kb": before, "rss_after_kb": after}))
+        return 0
+
+    from d2l_integrations.knowledge import KnowledgeBase
+    from tests.unit.knowledge.engine_double import SeededEngine
+
+    if args.cmd == "add":
+        engine = SeededEngine(delay_s=args.delay)
+        kb = KnowledgeBase(args.store, engine, chunk_tokens=64, overlap_tokens=8, batch_size=args.batch_size)
+        ids = []
+        for f in args.files:
+            ids += kb.add(Path(f), progress=False)
+            print(json.dumps({"added": ids[-1]}), flush=True)
+    else:
+        engine = SeededEngine()
+        kb = KnowledgeBase(args.store, engine, chunk_tokens=64, overlap_tokens=8)
+        ids = [kb.add(fact(args.prefix, i), doc_id=f"{args.prefix}-{i}", progress=False)[0] for i in range(args.n)]
+    kb.close()
+    print(json.dumps({"ids": ids}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
