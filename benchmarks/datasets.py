@@ -132,14 +132,16 @@ def load_passage_qa(
     instruction: str = QA_INSTRUCTION,
     seed: int = BENCH_SEED,
     answerable_only: bool = False,
+    exclude_titles: Sequence[str] = (),
 ) -> Task:
     """Pick ``n_docs`` passages at random (seeded) and up to ``per_doc`` questions on each.
 
     Rows are ``{"id","context","question","answers",...}``; rows sharing a context share a document.
+    Rows whose ``title`` is in ``exclude_titles`` (data something was tuned on) are dropped.
     """
     by_context: dict[str, list[dict]] = {}
     for r in rows:
-        if answerable_only and not r.get("answers"):
+        if (answerable_only and not r.get("answers")) or r.get("title") in exclude_titles:
             continue
         by_context.setdefault(r["context"], []).append(r)
     contexts = sorted(by_context)
@@ -158,8 +160,23 @@ def load_passage_qa(
     return Task(name, kind, documents, questions)
 
 
-def squad(version: str = "1.1", *, source: str | Path | None = None, n_docs: int = 4, per_doc: int = 2, seed: int = BENCH_SEED) -> Task:
-    """SQuAD v1.1 or v2.0 dev: one document per paragraph. v2.0 keeps unanswerable questions (abstain to score)."""
+CALIBRATION_TITLES = ("Normans", "Geology")
+"""SQuAD dev articles benchmarks/calibrate_router.py tunes the router on by default; never evaluated on."""
+
+
+def squad(
+    version: str = "1.1",
+    *,
+    source: str | Path | None = None,
+    n_docs: int = 4,
+    per_doc: int = 2,
+    seed: int = BENCH_SEED,
+    exclude_titles: Sequence[str] = CALIBRATION_TITLES,
+) -> Task:
+    """SQuAD v1.1 or v2.0 dev: one document per paragraph. v2.0 keeps unanswerable questions (abstain to score).
+
+    ``exclude_titles``: articles the router was calibrated on (left out of evaluation).
+    """
     if version not in ("1.1", "2.0"):
         msg = f"SQuAD version must be '1.1' or '2.0', got {version!r}."
         raise ValueError(msg)
@@ -168,7 +185,7 @@ def squad(version: str = "1.1", *, source: str | Path | None = None, n_docs: int
     rows = _rows(source, f"squad/squad_v{version}_dev_open.jsonl")
     name = "squad_v1" if version == "1.1" else "squad_v2"
     instruction = QA_INSTRUCTION if version == "1.1" else SQUAD2_INSTRUCTION
-    return load_passage_qa(name, rows, n_docs=n_docs, per_doc=per_doc, instruction=instruction, seed=seed)
+    return load_passage_qa(name, rows, n_docs=n_docs, per_doc=per_doc, instruction=instruction, seed=seed, exclude_titles=exclude_titles)
 
 
 def ropes(*, source: str | Path | None = None, n_docs: int = 4, per_doc: int = 1, seed: int = BENCH_SEED) -> Task:
@@ -269,24 +286,28 @@ def synthetic_facts(*, n: int = 4, seed: int = BENCH_SEED, name: str = "facts") 
     return Task(name, "qa", documents, questions)
 
 
-def multidoc(*, n_docs: int = 4, seed: int = BENCH_SEED + 1, sweep: Sequence[int] = (1, 2, 4)) -> Task:
+def multidoc(*, n_docs: int = 4, seed: int = BENCH_SEED, sweep: Sequence[int] = (1, 2, 4)) -> Task:
     """A pool of ``n_docs`` made-up biographies; each question's knowledge is the whole pool.
+
+    With the default seed the pool is the first ``n_docs`` documents of ``synthetic_facts`` (same
+    ids), so a suite with both tasks internalizes each biography once; the questions differ in
+    their knowledge (one biography vs the pool).
 
     ``full_context`` reads every biography, ``rag`` must retrieve the right one, ``d2l`` sums the
     adapters of the retrieved chunks (up to the router's adapter budget). ``sweep`` drives the
     accuracy-vs-summed-adapters curve.
     """
-    part = synthetic_facts(n=n_docs, seed=seed, name="multidoc")
+    part = synthetic_facts(n=n_docs, seed=seed)
     pool = tuple(part.documents)
-    questions = [Question(q.id, q.question, q.answers, pool, q.meta) for q in part.questions]
+    questions = [Question(q.id.replace("facts/", "multidoc/"), q.question, q.answers, pool, q.meta) for q in part.questions]
     return Task("multidoc", "qa", part.documents, questions, sweep_adapters=tuple(k for k in sweep if k <= n_docs))
 
 
 # ----------------------------------------------------------------------------- suites
 SUITES: dict[str, dict[str, Any]] = {
     # seconds to a couple of minutes on CPU (tests and the notebook)
+    # four chunks to internalize: one distill batch
     "tiny": {
-        "facts": {"n": 2},
         "magic_number": {"bins": ("32_128",), "n_per_bin": 1},
         "essay_niah": {"lengths": (160, 9000), "depths": (0.5,)},
         "multidoc": {"n_docs": 2, "sweep": (1, 2)},
@@ -300,7 +321,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "ropes": {"n_docs": 2},
         "magic_number": {"bins": ("32_128", "128_256"), "n_per_bin": 1},
         "essay_niah": {"lengths": (200, 9000), "depths": (0.1, 0.9)},
-        "multidoc": {"n_docs": 3, "sweep": (1, 2, 3)},
+        "multidoc": {"n_docs": 3, "sweep": (1, 2, 3)},  # the same 3 biographies as "facts"
         "max_chunks_per_doc": 1,
     },
     "full": {
@@ -337,15 +358,32 @@ def load_task(name: str, count_tokens: Callable[[str], int], **kwargs: Any) -> T
     raise ValueError(msg)
 
 
-def load_suite(suite: str, count_tokens: Callable[[str], int], *, tasks: Sequence[str] | None = None) -> tuple[list[Task], dict[str, Any]]:
-    """The tasks of ``suite`` (optionally only ``tasks``) and the suite's settings."""
+def load_suite(
+    suite: str,
+    count_tokens: Callable[[str], int],
+    *,
+    tasks: Sequence[str] | None = None,
+    exclude_titles: Sequence[str] = (),
+) -> tuple[list[Task], dict[str, Any]]:
+    """The tasks of ``suite`` (optionally only ``tasks``) and the suite's settings.
+
+    ``exclude_titles`` are added to ``CALIBRATION_TITLES`` for the SQuAD tasks.
+    """
     if suite not in SUITES:
         msg = f"Unknown suite {suite!r}. Choose one of {sorted(SUITES)}."
         raise ValueError(msg)
     spec = dict(SUITES[suite])
     settings = {"max_chunks_per_doc": spec.pop("max_chunks_per_doc", None)}
     names = [t for t in spec if tasks is None or t in tasks]
-    return [load_task(t, count_tokens, **spec[t]) for t in names], settings
+    excluded = tuple(dict.fromkeys((*CALIBRATION_TITLES, *exclude_titles)))
+    settings["excluded_titles"] = list(excluded)
+    loaded = []
+    for t in names:
+        kwargs = dict(spec[t])
+        if t.startswith("squad"):
+            kwargs["exclude_titles"] = excluded
+        loaded.append(load_task(t, count_tokens, **kwargs))
+    return loaded, settings
 
 
 __all__ = [

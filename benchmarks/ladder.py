@@ -51,6 +51,7 @@ from d2l_integrations.engine.training import (  # noqa: E402
 from d2l_integrations.engine.training_data import NEEDLE_QUESTION, TaskMix, make_task  # noqa: E402
 
 ALPHA = 2 * 8**1.5
+WORK_DIR: str | None = None  # where per-run state goes (kept off $OUT: states are large)
 
 
 def small_config(base, **kw) -> HypernetworkConfig:  # noqa: ANN001
@@ -197,7 +198,12 @@ def run_variant(base, variant: str, task_spec, *, seconds: float, out: Path, cfg
         hyper.load_state_dict(init_state)
     tasks = tuple((t, 1.0) for t in task_spec)
     cfg = TrainingConfig(tasks=tasks, **cfg_kw)
-    trainer = DistillationTrainer(base, hyper, cfg, out_dir=out / variant, features_fn=feats_fn)
+    work = Path(WORK_DIR or out) / f"{variant}_{'-'.join(task_spec)}"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=work, features_fn=feats_fn)
     n_params = sum(p.numel() for p in hyper.parameters())
     t0 = time.time()
     res = trainer.train(deadline=t0 + seconds)
@@ -211,6 +217,10 @@ def run_variant(base, variant: str, task_spec, *, seconds: float, out: Path, cfg
     for t in task_spec:
         exs = TaskMix([(make_task(t, split="eval", **cfg.task_kwargs.get(t, {})), 1.0)], seed=cfg.seed + 1000).fixed(eval_n)
         table[t] = greedy_eval(trainer, exs, max_new_tokens=16 if t.startswith("needle") else 24)
+    if (work / "log.jsonl").is_file():
+        import shutil
+
+        shutil.copy(work / "log.jsonl", out / f"log_{variant}_{'-'.join(task_spec)}.jsonl")
     return {"variant": variant, "tasks": list(task_spec), "params_M": round(n_params / 1e6, 2), "steps": trainer.step, "train_s": round(train_s, 1),
             "tok_per_s": round(trainer.tokens_seen / max(train_s, 1e-9)), "ema": res["ema"], "val": val, "eval": table,
             "state": {k: v.detach().cpu() for k, v in hyper.state_dict().items()}}
@@ -221,28 +231,64 @@ def doc_gap(r: dict, task: str) -> float:
     return v["mismatched_key_ce"] - v["matched_key_ce"]
 
 
+def _task_kwargs(lo: int, hi: int) -> dict:
+    return {t: {"min_tokens": lo, "max_tokens": hi} for t in ("needle", "needle_line", "needle_essay")}
+
+
+def _summary(r: dict) -> str:
+    return json.dumps({k: r[k] for k in ("variant", "tasks", "steps", "train_s", "tok_per_s", "val")}) + "\n" + json.dumps(
+        {t: r["eval"][t]["accuracy"] for t in r["eval"]})
+
+
 def plan(args) -> None:  # noqa: ANN001
+    """Stage A: each variant on ``--tasks`` for ``--seconds``; stage B: the best (by validation
+    matched-vs-mismatched key CE gap, oracle excluded) continues on ``--then-tasks``."""
     from d2l_integrations.engine.base_model import load_base_model
 
+    global WORK_DIR
+    WORK_DIR = args.work
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
     print(f"loaded base in {time.time() - t_start:.1f}s", flush=True)
     kw = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, max_steps=args.max_steps, eval_every=0, save_every=0, log_every=50,
-              task_kwargs={"needle_line": {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens},
-                           "needle_essay": {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens},
-                           "needle": {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}})
-    results = []
+              task_kwargs=_task_kwargs(args.min_tokens, args.max_tokens))
+    init = torch.load(args.init, map_location="cpu") if args.init else None
+    init = init.get("state", init) if isinstance(init, dict) and "state" in init else init
+    results, states = [], {}
+    tasks_a = args.tasks.split(",")
     for v in args.variants.split(","):
-        r = run_variant(base, v, args.tasks.split(","), seconds=args.seconds, out=out, cfg_kw=kw, eval_n=args.eval_n)
-        state = r.pop("state")
+        try:
+            r = run_variant(base, v, tasks_a, seconds=args.seconds, out=out, cfg_kw=kw, eval_n=args.eval_n, val_n=args.val_n, init_state=init)
+        except Exception as exc:  # one broken variant must not cost the others their device minutes
+            import traceback
+
+            traceback.print_exc()
+            print(f"variant {v} failed: {exc!r}", flush=True)
+            continue
+        states[v] = r.pop("state")
         results.append(r)
-        if args.save_state:
-            torch.save(state, out / f"{v}.pt")
-        print(json.dumps({k: r[k] for k in ("variant", "steps", "train_s", "tok_per_s", "val")}), flush=True)
-        print(json.dumps({t: r["eval"][t]["accuracy"] for t in r["eval"]}), flush=True)
+        print(_summary(r), flush=True)
         (out / "ladder.json").write_text(json.dumps(results, indent=1))
+    candidates = [r for r in results if r["variant"] != "oracle"] or results
+    best = max(candidates, key=lambda r: sum(doc_gap(r, t) for t in tasks_a))
+    print(f"best variant on validation: {best['variant']}", flush=True)
+    final_state, final_variant = states[best["variant"]], best["variant"]
+    if args.then_tasks:
+        kw_b = dict(kw, task_kwargs=_task_kwargs(args.then_min, args.then_max), warmup_steps=10)
+        seconds = args.then_seconds or max(30.0, args.budget_s - (time.time() - t_start) - 60)
+        r = run_variant(base, final_variant, args.then_tasks.split(","), seconds=seconds, out=out, cfg_kw=kw_b, eval_n=args.eval_n,
+                        val_n=args.val_n, init_state=final_state)
+        final_state = r.pop("state")
+        r["stage"] = "B"
+        results.append(r)
+        print(_summary(r), flush=True)
+        (out / "ladder.json").write_text(json.dumps(results, indent=1))
+    torch.save({"variant": final_variant, "state": final_state}, out / "best.pt")
+    if args.state_dir:
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"variant": final_variant, "state": final_state}, Path(args.state_dir) / "best.pt")
     print(f"total {time.time() - t_start:.1f}s")
 
 
@@ -263,7 +309,15 @@ def main() -> None:
     p.add_argument("--min-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--eval-n", type=int, default=128)
-    p.add_argument("--save-state", action="store_true")
+    p.add_argument("--val-n", type=int, default=64)
+    p.add_argument("--init", default=None, help="state_dict to start every stage-A variant from")
+    p.add_argument("--then-tasks", default="")
+    p.add_argument("--then-seconds", type=float, default=0)
+    p.add_argument("--then-min", type=int, default=32)
+    p.add_argument("--then-max", type=int, default=128)
+    p.add_argument("--budget-s", type=float, default=540)
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--work", default=None, help="folder for per-run state (default: --out)")
     args = p.parse_args()
     if args.what == "rung1":
         from d2l_integrations.engine.base_model import load_base_model

@@ -177,7 +177,9 @@ def markdown(summary: dict[str, Any]) -> str:
         + ("" if run.get("hypernetwork_loaded") else " (no hypernetwork checkpoint is loaded for this model, so D2L adapters come from per-document distillation)"),
         f"- context window {run['context_window']} tokens; chunks of {run['chunk_tokens']} tokens; rag top-k {run['router']['top_k']}; "
         f"adapter budget {run['router']['adapter_budget']}; router calibrated: {run['router']['calibrated']}",
-        f"- wall time {run['wall_s']:.0f} s; host: {run['host']['cpus']} CPUs, torch threads {run['host']['torch_threads']}",
+        f"- wall time {run['wall_s']:.0f} s; host: {run['host']['cpus']} CPUs, torch threads {run['host']['torch_threads']}"
+        + (f", load average {run['host']['loadavg_start'][0]} at start and {run['host']['loadavg_end'][0]} at end (other processes share the CPUs and inflate timings)"
+           if run["host"].get("loadavg_start") and run["host"].get("loadavg_end") else ""),
     ]
     if run.get("command"):
         lines.append(f"- command: `{run['command']}`")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import sys
 import threading
@@ -27,6 +28,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from d2l_integrations.routing.config import RouterConfig
 
 from benchmarks import report
 from benchmarks.datasets import SUITES, load_suite
@@ -99,7 +102,7 @@ def load_prices(path: str | Path | None = None) -> dict[str, float]:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def _bar(total: int, desc: str, enabled: bool):  # noqa: ANN202 - a tqdm bar
+def _bar(total: int | None, desc: str, enabled: bool):  # noqa: ANN202 - a tqdm bar
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
@@ -147,32 +150,39 @@ def run_suite(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
+    load_start = _loadavg()
     if engine is None:
         from d2l_integrations.engine.engine import D2LEngine
 
         engine = D2LEngine.default(device=device)
     run_device = str(engine.base.device)
-    task_list, settings = load_suite(suite_name, engine.count_tokens, tasks=tasks)
-    bench = Workbench(engine, task_list, embedder=embedder, internalize_method=internalize_method,
+    router = RouterConfig.default(engine.base.name)
+    task_list, settings = load_suite(suite_name, engine.count_tokens, tasks=tasks, exclude_titles=calibration_titles(router))
+    bench = Workbench(engine, task_list, embedder=embedder, router=router, internalize_method=internalize_method,
                       max_chunks_per_doc=settings["max_chunks_per_doc"], max_new_tokens=max_new_tokens)
 
     with _bar(len(bench.documents), "index (chunk + embed)", progress) as bar:
         bench.index(lambda done, total: bar.update(1))
+    phases = {"index_s": bench.index_s}
     internalize_peak = None
     if any(m in ADAPTER_METHODS for m in methods):
-        with _bar(len(bench.documents), "internalize", progress) as bar, PeakMemory(run_device) as mem:
-            bench.internalize(lambda done, total: bar.update(1))
+        t0 = time.perf_counter()
+        with _bar(None, "internalize (chunks)", progress) as bar, PeakMemory(run_device) as mem:
+            bench.internalize(lambda done, total: (setattr(bar, "total", total), bar.update(done - bar.n)))
         internalize_peak = mem.peak_bytes
+        phases["internalize_s"] = time.perf_counter() - t0
 
     rows: list[dict[str, Any]] = []
     peak: dict[str, int] = {}
     questions = [(t, q) for t in task_list for q in t.questions]
     for method in methods:
+        t0 = time.perf_counter()
         with _bar(len(questions), method, progress) as bar, PeakMemory(run_device) as mem:
             for task, q in questions:
                 rows.append(bench.answer(method, task, q))
                 bar.update(1)
         peak[method] = mem.peak_bytes
+        phases[f"{method}_s"] = time.perf_counter() - t0
     if "d2l" in methods:  # the accuracy-vs-summed-adapters curve
         for task in (t for t in task_list if t.sweep_adapters):
             for n in task.sweep_adapters:
@@ -199,13 +209,14 @@ def run_suite(
         "router": {"top_k": bench.router.top_k, "adapter_budget": bench.router.adapter_budget,
                    "min_relevance": bench.router.min_relevance, "calibrated": bench.router.is_calibrated},
         "max_chunks_per_doc": settings["max_chunks_per_doc"],
+        "excluded_squad_titles": settings["excluded_titles"],
         "max_new_tokens": max_new_tokens,
-        "index_s": bench.index_s,
+        "phases_s": phases,
         "internalize_peak_bytes": internalize_peak,
         "started_utc": stamp,
         "wall_s": time.perf_counter() - t_start,
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "torch_threads": _torch_threads()},
+                 "torch_threads": _torch_threads(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
         "command": command,
     }
     summary = report.summarize(rows, doc_costs, peak, price_table, run_info)
@@ -214,10 +225,24 @@ def run_suite(
     return summary
 
 
+def calibration_titles(router: RouterConfig) -> list[str]:
+    """SQuAD titles the router's thresholds were tuned on (recorded in ``calibrated_on``); evaluation skips them."""
+    found = re.search(r"titles=\[([^\]]*)\]", router.calibrated_on or "")
+    return re.findall(r"'([^']+)'", found.group(1)) if found else []
+
+
 def _default_chunk_tokens() -> int:
     from d2l_integrations.engine.engine import DEFAULT_CHUNK_TOKENS
 
     return DEFAULT_CHUNK_TOKENS
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on the host inflate every timing."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _torch_threads() -> int:

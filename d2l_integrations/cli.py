@@ -150,7 +150,7 @@ def demo(
     console.print(f"[bold]Documents:[/bold] {', '.join(p.name for p in paths)} -> store {store}")
     kb = KnowledgeBase(store, engine, method=method)
     t0 = time.perf_counter()
-    kb.add(paths)
+    kb.add(paths, progress=True)
     internalize_s = time.perf_counter() - t0
     stats = kb.last_add_stats
     console.print(f"Ingested {len(kb)} documents in {internalize_s:.1f} s ({stats})")

@@ -29,6 +29,7 @@ from d2l_integrations.engine.lora import LoRAAdapter
 from d2l_integrations.errors import IncompatibleAdapterError, UnknownTargetModuleError
 
 _HOOKS_ATTR = "_d2l_lora_hooks"
+_OWNERS_ATTR = "_d2l_lora_owners"
 _install_lock = threading.Lock()
 
 
@@ -50,10 +51,13 @@ class _ActiveAdapters:
 _ACTIVE: ContextVar[_ActiveAdapters | None] = ContextVar("d2l_active_adapters", default=None)
 
 
-def _lora_hook(name: str):  # noqa: ANN202 - torch hook signature
+def _lora_hook(name: str, slot: int):  # noqa: ANN202 - torch hook signature
+    # A linear shared by two hooked models (a causal LM and its inner decoder) carries one hook per
+    # model; each finds its own model in the module's owner list (a plain attribute, so that
+    # ``copy.deepcopy`` of a hooked model re-points the copy's hooks at the copy).
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         active = _ACTIVE.get()
-        if active is None or active.model_id != id(_owner_of(module)):
+        if active is None or active.model_id != id(module.__dict__[_OWNERS_ATTR][slot]):
             return None
         f = active.factors.get(name)
         if f is None:
@@ -78,10 +82,6 @@ def _lora_hook(name: str):  # noqa: ANN202 - torch hook signature
     return hook
 
 
-def _owner_of(module: nn.Module) -> nn.Module:
-    return module._d2l_owner  # type: ignore[attr-defined,no-any-return]
-
-
 def ensure_hooks(model: nn.Module, module_names: Sequence[str]) -> None:
     """Install the inert LoRA hooks on ``module_names`` of ``model`` (idempotent, thread-safe)."""
     with _install_lock:
@@ -100,8 +100,9 @@ def ensure_hooks(model: nn.Module, module_names: Sequence[str]) -> None:
             if not isinstance(module, nn.Linear):
                 msg = f"Target module {name!r} is a {type(module).__name__}, not nn.Linear; LoRA targets must be linear."
                 raise UnknownTargetModuleError(msg)
-            object.__setattr__(module, "_d2l_owner", model)  # plain attribute: not a registered submodule
-            installed[name] = module.register_forward_hook(_lora_hook(name))
+            owners: list[nn.Module] = module.__dict__.setdefault(_OWNERS_ATTR, [])
+            owners.append(model)
+            installed[name] = module.register_forward_hook(_lora_hook(name, len(owners) - 1))
 
 
 def remove_hooks(model: nn.Module) -> None:

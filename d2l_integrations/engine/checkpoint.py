@@ -78,7 +78,7 @@ def compute_checkpoint_id(state_dict: Mapping[str, torch.Tensor], config: Hypern
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().contiguous().cpu()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"d2l-{h.hexdigest()[:16]}"
 
 
@@ -231,7 +231,8 @@ def load_internalizer(
 
 
 def _build(config: HypernetworkConfig, state: Mapping[str, torch.Tensor], *, source: str) -> Hypernetwork:
-    hypernetwork = Hypernetwork(config)
+    with torch.device("meta"):  # no random init: every parameter comes from ``state``
+        hypernetwork = Hypernetwork(config)
     expected = hypernetwork.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -244,7 +245,7 @@ def _build(config: HypernetworkConfig, state: Mapping[str, torch.Tensor], *, sou
     if wrong:
         msg = f"Checkpoint {source!r} has tensors of the wrong shape for its config: {wrong}."
         raise IncompatibleCheckpointError(msg)
-    hypernetwork.load_state_dict(state, strict=True)
+    hypernetwork.load_state_dict(dict(state), strict=True, assign=True)
     return hypernetwork.eval()
 
 

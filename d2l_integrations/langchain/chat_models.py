@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import logging
 import os
 import threading
@@ -21,15 +19,16 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.engine.lora import LoRAAdapter
 from d2l_integrations.errors import ConfigError, KnowledgeBaseMismatchError
 from d2l_integrations.langchain._convert import document_text, to_engine_messages
 from d2l_integrations.routing import Internalized, InternalizedDocument, RoutedAnswer, Router, RouterConfig, document_id
+from d2l_integrations.routing.concurrency import iterate_in_thread, run_in_thread
 from d2l_integrations.routing.decision import POLICIES, parse_route
-from d2l_integrations.routing.engines import shared_engine
+from d2l_integrations.routing.engines import check_same_engine, shared_engine
 from d2l_integrations.routing.router import RoutePlan
 
 logger = logging.getLogger(__name__)
@@ -167,8 +166,12 @@ class ChatD2L(BaseChatModel):
     _router: Router | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
-    @model_validator(mode="after")
-    def _check_sources(self) -> ChatD2L:
+    def __init__(self, **kwargs: Any) -> None:
+        """Build the model; see the class docstring for the arguments."""
+        super().__init__(**kwargs)
+        self._check_sources()  # after validation, so our typed errors are not wrapped by pydantic
+
+    def _check_sources(self) -> None:
         if self.engine is not None and not isinstance(self.engine, D2LEngine):
             msg = f"engine must be a D2LEngine, got {type(self.engine).__name__}. Build one with D2LEngine.default()."
             raise ConfigError(msg)
@@ -180,7 +183,6 @@ class ChatD2L(BaseChatModel):
                 check_same_engine(kb_engine, self.engine)
         if self.engine is not None and self.model_name == "default":
             self.model_name = self.engine.base.name
-        return self
 
     # ------------------------------------------------------------------ identity
     @property
@@ -240,12 +242,14 @@ class ChatD2L(BaseChatModel):
         """Internalize text or ``Document``\\ s into adapters that answer from now on; return their ids.
 
         With a knowledge base attached, the documents are added to it (text indexed for retrieval
-        and adapters stored) instead of being held by this model.
+        and adapters stored, made with the knowledge base's own ``method``) instead of being held by
+        this model; remove them with ``KnowledgeBase.delete``.
 
         Args:
             documents: a text, a ``Document``, or a list of them.
             ids: one id per document (default: ``Document.id`` or a hash of the text).
-            method: ``auto``, ``hypernetwork`` or ``distill`` (default: ``internalize_method``).
+            method: ``auto``, ``hypernetwork`` or ``distill`` (default: ``internalize_method``); ignored
+                with a knowledge base.
         """
         items = [documents] if isinstance(documents, (str, Document)) else list(documents)
         if ids is not None and len(ids) != len(items):
@@ -379,11 +383,9 @@ class ChatD2L(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        # The engine is synchronous: run the whole request in one worker thread, in a copy of this
+        # The engine is synchronous: the whole request runs in one worker thread, in a copy of this
         # task's context, so its context-local adapter state never leaks into other requests.
-        loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        return await loop.run_in_executor(None, partial(ctx.run, self._generate, messages, stop, None, **kwargs))
+        return await run_in_thread(self._generate, messages, stop, None, **kwargs)
 
     async def _astream(
         self,
@@ -392,36 +394,11 @@ class ChatD2L(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        # The whole sync stream runs in ONE worker thread (adapters are applied context-locally
-        # for the duration of decoding, so it must not hop threads between tokens); chunks come
-        # back through a queue.
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ChatGenerationChunk | BaseException | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                for chunk in self._stream(messages, stop, None, **kwargs):
-                    if cancelled.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:  # re-raised in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        ctx = contextvars.copy_context()
-        worker = loop.run_in_executor(None, ctx.run, produce)
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                if run_manager is not None and item.text:
-                    await run_manager.on_llm_new_token(item.text, chunk=item)
-                yield item
-        finally:
-            cancelled.set()
-            await worker
+        # The whole sync stream runs in ONE worker thread (it must not hop threads between tokens).
+        async for chunk in iterate_in_thread(partial(self._stream, messages, stop, None, **kwargs)):
+            if run_manager is not None and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     # ------------------------------------------------------------------ batch: one engine batch, one adapter per row
     def batch(
@@ -496,22 +473,6 @@ class _Request:
 
 D2LChatModel = ChatD2L
 """Alias of ``ChatD2L`` (LangChain names chat models ``Chat<Provider>``)."""
-
-
-def check_same_engine(kb_engine: D2LEngine, engine: D2LEngine) -> None:
-    """Raise ``KnowledgeBaseMismatchError`` naming both models when a knowledge base was built for another engine."""
-    if kb_engine is engine:
-        return
-    kb_ckpt = getattr(kb_engine.hypernetwork, "checkpoint_id", None)
-    ckpt = getattr(engine.hypernetwork, "checkpoint_id", None)
-    if kb_engine.base.name != engine.base.name or kb_engine.base.revision != engine.base.revision or kb_ckpt != ckpt:
-        msg = (
-            f"The knowledge base was built with base model {kb_engine.base.name!r} (revision {kb_engine.base.revision}, "
-            f"checkpoint {kb_ckpt}), but this model runs {engine.base.name!r} (revision {engine.base.revision}, "
-            f"checkpoint {ckpt}). Its adapters only fit their own model: pass engine=knowledge_base.engine, "
-            "or rebuild the knowledge base with this engine."
-        )
-        raise KnowledgeBaseMismatchError(msg)
 
 
 def explicit_adapter(adapter: LoRAAdapter) -> Internalized:

@@ -12,6 +12,7 @@ import logging
 import threading
 
 from d2l_integrations.engine.engine import D2LEngine
+from d2l_integrations.errors import KnowledgeBaseMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -36,4 +37,20 @@ def shared_engine(model: str = "default", *, device: str | None = None) -> D2LEn
         return engine
 
 
-__all__ = ["shared_engine"]
+def check_same_engine(kb_engine: D2LEngine, engine: D2LEngine) -> None:
+    """Raise ``KnowledgeBaseMismatchError`` naming both models when a knowledge base was built for another engine."""
+    if kb_engine is engine:
+        return
+    kb_ckpt = getattr(kb_engine.hypernetwork, "checkpoint_id", None)
+    ckpt = getattr(engine.hypernetwork, "checkpoint_id", None)
+    if kb_engine.base.name != engine.base.name or kb_engine.base.revision != engine.base.revision or kb_ckpt != ckpt:
+        msg = (
+            f"The knowledge base was built with base model {kb_engine.base.name!r} (revision {kb_engine.base.revision}, "
+            f"checkpoint {kb_ckpt}), but this model runs {engine.base.name!r} (revision {engine.base.revision}, "
+            f"checkpoint {ckpt}). Its adapters only fit their own model: pass engine=knowledge_base.engine, "
+            "or rebuild the knowledge base with this engine."
+        )
+        raise KnowledgeBaseMismatchError(msg)
+
+
+__all__ = ["check_same_engine", "shared_engine"]

@@ -13,6 +13,7 @@ The router holds no per-request state, so one router serves concurrent requests.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import time
@@ -329,7 +330,16 @@ class Router:
     def stream(self, plan: RoutePlan, **settings: Any) -> Iterator[TokenEvent]:
         """Stream the engine's tokens for ``plan`` (its adapter passed explicitly). No confidence fallback:
         tokens already sent cannot be taken back. Pass the final event's ``generation`` to ``finish``."""
-        return self.engine.stream(plan.messages, adapters=plan.adapter, **settings)
+        # Each stream runs in its own context: the engine applies adapters through a ContextVar set
+        # inside its generator, so two streams interleaved in one thread must not share a context.
+        context = contextvars.copy_context()
+        events = self.engine.stream(plan.messages, adapters=plan.adapter, **settings)
+        while True:
+            try:
+                event = context.run(next, events)
+            except StopIteration:
+                return
+            yield event
 
     def finish(self, plan: RoutePlan, generation: Generation, *, started: float | None = None) -> RoutedAnswer:
         """Attach decision, sources, token accounting and timings to a finished ``Generation``."""

@@ -78,3 +78,12 @@ def data_root(tmp_path, monkeypatch):
     write("needle_haystack/paul_graham_essays.jsonl", [{"id": f"pg-{i:02d}", "title": str(i), "text": essay} for i in range(12)])
     monkeypatch.setenv("D2L_DATA_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are microseconds; on a loaded 2-core box a second thread only adds spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -45,6 +45,13 @@ def test_squad_from_folder_and_file(data_root):
         ds.squad("3.0")
 
 
+def test_squad_leaves_out_calibration_titles(data_root):
+    rows = [{"id": f"{t}{i}", "title": t, "context": f"{t} paragraph {i}.", "question": "q", "answers": ["a"]}
+            for t in ("Normans", "Apollo") for i in range(3)]
+    task = ds.load_passage_qa("squad_v1", rows, n_docs=10, exclude_titles=ds.CALIBRATION_TITLES)
+    assert len(task.documents) == 3 and all("Apollo" in d for d in task.documents.values())
+
+
 def test_missing_data_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("D2L_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="D2L_DATA_DIR"):
@@ -87,13 +94,15 @@ def test_synthetic_facts_and_multidoc():
     pool = ds.multidoc(n_docs=3, sweep=(1, 2, 3, 8))
     assert pool.sweep_adapters == (1, 2, 3)
     assert all(len(q.doc_ids) == 3 and q.meta["gold_doc"] in q.doc_ids for q in pool.questions)
-    assert set(pool.documents).isdisjoint(facts.documents)  # different seed, different people
+    assert set(pool.documents) == set(facts.documents)  # the same people: internalized once per suite
+    assert {q.id for q in pool.questions}.isdisjoint(q.id for q in facts.questions)
 
 
 def test_load_suite_and_unknown_names(data_root):
     tasks, settings = ds.load_suite("tiny", words)
-    assert [t.name for t in tasks] == ["facts", "magic_number", "essay_niah", "multidoc"]
+    assert [t.name for t in tasks] == ["magic_number", "essay_niah", "multidoc"]
     assert settings["max_chunks_per_doc"] == 1
+    assert {"Normans", "Geology"} <= set(settings["excluded_titles"])
     only, _ = ds.load_suite("quick", words, tasks=["ropes"])
     assert [t.name for t in only] == ["ropes"]
     with pytest.raises(ValueError, match="Unknown suite"):

@@ -128,3 +128,30 @@ def test_generate_inside_the_context_uses_the_adapter(tiny_llama: torch.nn.Modul
         for _ in range(5):  # the same greedy path without a KV cache
             ids = torch.cat([ids, tiny_llama(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, ids)
+
+
+def test_hooks_of_a_submodel_do_not_disable_the_model(tiny_llama: torch.nn.Module) -> None:
+    """Adapters keyed by the inner decoder (``model.model``) and by the causal LM both keep working."""
+    outer = make_adapter(1)
+    inner = LoRAAdapter({k.removeprefix("model."): w for k, w in outer.weights.items()}, outer.provenance,
+                        {k.removeprefix("model."): w for k, w in (outer.bias or {}).items()})
+    with use_adapters(tiny_llama, outer):
+        expected = logits(tiny_llama)
+    with torch.inference_mode(), use_adapters(tiny_llama.model, inner):
+        hidden = tiny_llama.model(input_ids=IDS).last_hidden_state
+    torch.testing.assert_close(tiny_llama.lm_head(hidden), expected, rtol=1e-5, atol=1e-6)
+    with use_adapters(tiny_llama, outer):
+        assert torch.equal(logits(tiny_llama), expected)
+
+
+def test_a_deep_copy_of_a_hooked_model_applies_its_own_adapters(tiny_llama: torch.nn.Module) -> None:
+    import copy
+
+    adapter = make_adapter(1)
+    with use_adapters(tiny_llama, adapter):
+        expected = logits(tiny_llama)
+    clone = copy.deepcopy(tiny_llama)
+    base = logits(clone)
+    with use_adapters(clone, adapter):
+        assert torch.equal(logits(clone), expected)
+        assert torch.equal(logits(tiny_llama), base)  # the original is not the active model here

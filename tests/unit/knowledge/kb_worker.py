@@ -2,7 +2,7 @@
 
     python -m tests.unit.knowledge.kb_worker add STORE FILE... [--delay S] [--batch-size N]
     python -m tests.unit.knowledge.kb_worker add-texts STORE PREFIX N
-    python -m tests.unit.knowledge.kb_worker stream FILE          # chunk a big file, report peak RSS
+    python -m tests.unit.knowledge.kb_worker stream FILE [--chunks N]   # stream a big file, report peak RSS
 
 Prints one JSON line on success.
 """
@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     p_texts.add_argument("n", type=int)
     p_stream = sub.add_parser("stream")
     p_stream.add_argument("file")
+    p_stream.add_argument("--chunks", type=int, default=300)
     args = parser.parse_args(argv)
 
     if args.cmd == "stream":
@@ -50,11 +51,16 @@ def main(argv: list[str]) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(default_model_path())
         chunker = Chunker(tokenizer, chunk_tokens=384, overlap_tokens=32)
+        chunker.count_tokens("warm up")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        source = load_source(Path(args.file))
-        count = sum(1 for _ in chunker.chunk(source))
+        elements = sum(1 for _ in load_source(Path(args.file)).elements)  # the whole file, streamed
+        chunks = 0
+        for _ in chunker.chunk(load_source(Path(args.file))):  # lazy: stop early
+            chunks += 1
+            if chunks == args.chunks:
+                break
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({"chunks": count, "rss_before_kb": before, "rss_after_kb": after}))
+        print(json.dumps({"elements": elements, "chunks": chunks, "rss_before_kb": before, "rss_after_kb": after}))
         return 0
 
     from d2l_integrations.knowledge import KnowledgeBase

@@ -108,10 +108,10 @@ async def test_async_matches_sync(model: ChatD2L) -> None:
 def test_stop_max_tokens_temperature(model: ChatD2L) -> None:
     long = model.invoke(QUESTION, max_tokens=10)
     assert long.usage_metadata["output_tokens"] <= 10
-    if len(str(long.content)) > 2:
-        stop = str(long.content)[1:3]
-        stopped = model.invoke(QUESTION, max_tokens=10, stop=[stop])
-        assert stop not in stopped.content and stopped.response_metadata["finish_reason"] == "stop"
+    assert len(str(long.content)) > 2
+    stop = str(long.content)[1:3]
+    stopped = model.invoke(QUESTION, max_tokens=10, stop=[stop])
+    assert stop not in stopped.content and stopped.response_metadata["finish_reason"] == "stop"
     a = model.invoke(QUESTION, temperature=1.5, seed=7)
     b = model.invoke(QUESTION, temperature=1.5, seed=7)
     assert a.content == b.content
@@ -197,7 +197,5 @@ async def test_50_concurrent_requests_each_use_only_their_own_adapters(engine: D
     sequential = [m.invoke(QUESTION) for m in models]
     concurrent = await asyncio.gather(*(m.ainvoke(QUESTION) for m in models))
     assert [c.content for c in concurrent] == [s.content for s in sequential]
-    assert [c.response_metadata["route_decision"]["adapter_ids"] for c in concurrent] == [m.internalized.doc_ids for m in models] or all(
-        c.response_metadata["route_decision"]["adapter_ids"] == list(m.internalized.doc_ids) for c, m in zip(concurrent, models, strict=True)
-    )
+    assert [c.response_metadata["route_decision"]["adapter_ids"] for c in concurrent] == [list(m.internalized.doc_ids) for m in models]
     assert len({str(s.content) for s in sequential}) > 25  # the adapters really differ, so a leak would show

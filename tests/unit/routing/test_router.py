@@ -111,3 +111,17 @@ def test_conversation_without_user_message_is_rejected(router: Router) -> None:
         router.answer([{"role": "system", "content": "Be brief."}], **SETTINGS)
     with pytest.raises(InvalidMessagesError):
         router.answer([], **SETTINGS)
+
+
+def test_interleaved_streams_in_one_thread_keep_their_own_adapters(router: Router) -> None:
+    d2l_plan = router.plan(QUESTION, route="d2l")
+    rag_plan = router.plan(QUESTION, route="rag")
+    expected = ["".join(e.text for e in router.stream(p, **SETTINGS)) for p in (d2l_plan, rag_plan)]
+    streams = [router.stream(d2l_plan, **SETTINGS), router.stream(rag_plan, **SETTINGS)]
+    texts = ["", ""]
+    for a, b in zip(*streams, strict=False):  # step both generators alternately in this thread
+        texts[0] += a.text
+        texts[1] += b.text
+    for i, rest in enumerate(streams):
+        texts[i] += "".join(e.text for e in rest)
+    assert texts == expected

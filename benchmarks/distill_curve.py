@@ -1,0 +1,214 @@
+"""Accuracy vs seconds per chunk of the ``distill`` internalizer, with controls.
+
+Run (CPU, small sample; ~2 cores):
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.distill_curve split=eval device=cpu
+Override any setting below as key=value, e.g.:
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.distill_curve split=dev n_needles=4 budgets=10,20,40
+
+For each document the script distills one LoRA (``DistillInternalizer.distill_chunks`` with
+``snapshot_steps=budgets``, early stopping off so every budget is a plain step count) and
+answers held-out *natural* questions (never the cloze training questions) greedily under:
+    no_context  base model, question only
+    full_context  base model, document + question in the prompt (the teacher's view)
+    distill@S    base + the document's own LoRA after S steps
+    mismatched   base + another document's LoRA (largest budget): must stay ~0
+Tasks and metrics:
+    needles  magic-number haystacks (D2L_DATA_DIR/magic_number_niah/test_128_256.jsonl), exact number
+    facts    invented biographies (d2l_integrations.engine.synthetic), answer contained in the output
+    squad    SQuAD v1.1 dev paragraphs (D2L_DATA_DIR/squad/squad_v1.1_dev_open.jsonl), token F1
+Seconds per chunk = teacher (question generation, greedy answers, log-probs) + optimisation up to
+the budget, divided by the chunks trained together. ``split=dev`` and ``split=eval`` use disjoint
+documents: choose settings on dev, report eval.
+
+Writes benchmarks/results/distill_curve/<run>/{results.json,answers.jsonl,table.md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.metrics import contains_answer, f1_score, niah_correct
+from d2l_integrations.engine.apply import use_adapters
+from d2l_integrations.engine.base_model import BaseModel, load_base_model
+from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
+from d2l_integrations.engine.lora import LoRAAdapter
+from d2l_integrations.engine.synthetic import make_fact_documents
+
+# ----------------------------------------------------------------------------- settings
+model = "default"  # SmolLM2-135M-Instruct (embedded GGUF)
+device = "cpu"
+dtype = "auto"  # bf16 where the CPU has it
+threads = 2  # torch threads on CPU (shared machine)
+split = "eval"  # "dev" (choose settings) or "eval" (report); disjoint documents
+tasks = "needles,facts,squad"
+n_needles = 8
+n_facts = 6
+n_squad = 3  # paragraphs (each with all its questions, at most 4)
+budgets = "10,20,40"  # steps at which the adapter is evaluated (the largest is the training budget)
+chunks_per_batch = 4
+max_questions = 40
+teacher_max_new_tokens = 32
+lr = 3e-3
+rank = 8
+alpha = 16.0
+answer_tokens = 24
+seed = 0
+out_dir = "benchmarks/results/distill_curve"
+run_name = ""  # default: <split>-<device>-<timestamp>
+# -----------------------------------------------------------------------------
+_SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (str, int, float))]
+for _arg in sys.argv[1:]:  # key=value overrides, typed like the default
+    _key, _value = _arg.split("=", 1)
+    if _key not in _SETTINGS:
+        raise SystemExit(f"Unknown setting {_key!r}; settings are: {', '.join(_SETTINGS)}")
+    globals()[_key] = type(globals()[_key])(_value)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("D2L_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def needle_docs(n: int) -> list[dict]:
+    """Needle haystacks: dev = rows 0.., eval = rows 500.. of the 128-256 token bin."""
+    rows = [json.loads(line) for line in open(DATA / "magic_number_niah" / "test_128_256.jsonl")]
+    start = 0 if split == "dev" else 500
+    return [{"id": r["id"], "text": r["context"], "questions": [(r["question"], r["answers"])], "metric": "niah"}
+            for r in rows[start:start + n]]
+
+
+def fact_docs(n: int) -> list[dict]:
+    """Invented biographies: dev = generator seed 1000+seed, eval = seed."""
+    docs = make_fact_documents(n, seed=(1000 + seed) if split == "dev" else seed)
+    return [{"id": d.doc_id, "text": d.text, "questions": [(q.question, [q.answer]) for q in d.questions],
+             "metric": "contains"} for d in docs]
+
+
+def squad_docs(n: int) -> list[dict]:
+    """SQuAD v1.1 dev paragraphs of 60-160 words; dev = first articles of the file, eval = last ones."""
+    by_para: dict[tuple[str, int], dict] = {}
+    for line in open(DATA / "squad" / "squad_v1.1_dev_open.jsonl"):
+        r = json.loads(line)
+        key = (r["title"], r["para_index"])
+        para = by_para.setdefault(key, {"id": f"{r['title']}-{r['para_index']}", "text": r["context"], "questions": [],
+                                        "metric": "f1"})
+        para["questions"].append((r["question"], r["answers"]))
+    titles = list(dict.fromkeys(t for t, _ in by_para))
+    chosen_titles = titles[: len(titles) // 2] if split == "dev" else titles[len(titles) // 2:]
+    paras = [p for (t, _), p in by_para.items() if t in chosen_titles and 60 <= len(p["text"].split()) <= 160]
+    rng = random.Random(seed)
+    rng.shuffle(paras)
+    picked = paras[:n]
+    for p in picked:
+        p["questions"] = p["questions"][:4]
+    return picked
+
+
+def score(metric: str, prediction: str, answers: list[str]) -> float:
+    if metric == "niah":
+        return niah_correct(prediction, answers)
+    if metric == "contains":
+        return contains_answer(prediction, answers)
+    return f1_score(prediction, answers)
+
+
+@torch.no_grad()
+def answer(base: BaseModel, prompts: list[str], adapters: list[LoRAAdapter | None]) -> list[str]:
+    """Greedy answers, batched, one adapter (or None) per prompt."""
+    outs: list[str] = []
+    for b in range(0, len(prompts), 16):
+        batch_prompts, batch_adapters = prompts[b:b + 16], adapters[b:b + 16]
+        ids = [base.chat_ids([{"role": "user", "content": p}]) for p in batch_prompts]
+        width = max(len(i) for i in ids)
+        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.eos_token_ids[0]
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, i in enumerate(ids):
+            input_ids[r, width - len(i):] = torch.tensor(i)
+            mask[r, width - len(i):] = 1
+        with use_adapters(base.model, batch_adapters):
+            out = base.model.generate(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device),
+                                      max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
+                                      top_k=None, pad_token_id=pad)
+        outs.extend(base.tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out)
+    return outs
+
+
+def main() -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    steps = sorted(int(s) for s in budgets.split(","))
+    base = load_base_model(model, device=device, dtype=dtype)
+    config = DistillConfig(
+        rank=rank, alpha=alpha, lr=lr, max_steps=steps[-1], patience=0, chunks_per_batch=chunks_per_batch,
+        max_questions=max_questions, teacher_max_new_tokens=teacher_max_new_tokens, seed=seed,
+    )
+    distill = DistillInternalizer(config)
+    run = run_name or f"{split}-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = REPO / out_dir / run
+    folder.mkdir(parents=True, exist_ok=True)
+    loaders = {"needles": (needle_docs, n_needles), "facts": (fact_docs, n_facts), "squad": (squad_docs, n_squad)}
+    summary: dict[str, dict] = {}
+    answers_log = open(folder / "answers.jsonl", "w")
+    for task in tasks.split(","):
+        loader, n = loaders[task]
+        docs = loader(n)
+        t0 = time.perf_counter()
+        results = distill.distill_chunks(base, [d["text"] for d in docs], snapshot_steps=steps)
+        wall = time.perf_counter() - t0
+        conditions: dict[str, list[LoRAAdapter | None] | None] = {"no_context": [None] * len(docs), "full_context": None}
+        for s in steps:
+            conditions[f"distill@{s}"] = [r.snapshots[s][1] if s in r.snapshots else r.adapter for r in results]
+        conditions["mismatched"] = [results[(i + 1) % len(docs)].adapter for i in range(len(docs))]
+        scores: dict[str, list[float]] = defaultdict(list)
+        for name, per_doc in conditions.items():
+            prompts, adapters, refs = [], [], []
+            for i, d in enumerate(docs):
+                for q, gold in d["questions"]:
+                    prompts.append(f"{d['text']}\n\n{q}" if name == "full_context" else q)
+                    adapters.append(None if per_doc is None else per_doc[i])
+                    refs.append((d, q, gold))
+            for pred, (d, q, gold) in zip(answer(base, prompts, adapters), refs, strict=True):
+                s_ = score(d["metric"], pred, gold)
+                scores[name].append(s_)
+                answers_log.write(json.dumps({"task": task, "doc": d["id"], "condition": name, "question": q,
+                                              "gold": gold, "prediction": pred, "score": s_}) + "\n")
+        seconds = {s: sum(r.snapshots[s][0] for r in results if s in r.snapshots) / len(results) for s in steps}
+        summary[task] = {
+            "docs": len(docs),
+            "questions": len(scores["no_context"]),
+            "accuracy": {k: sum(v) / len(v) for k, v in scores.items()},
+            "seconds_per_chunk": seconds,
+            "teacher_seconds_per_chunk": sum(r.teacher_seconds for r in results) / len(results),
+            "train_kl": [r.train_kl for r in results],
+            "held_out_kl": [r.held_out_kl for r in results],
+            "wall_seconds": wall,
+        }
+        print(task, json.dumps(summary[task]["accuracy"]), "s/chunk", seconds, flush=True)
+    answers_log.close()
+    settings = {k: globals()[k] for k in _SETTINGS}
+    info = {"settings": settings, "config": config.to_dict(), "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "summary": summary}
+    (folder / "results.json").write_text(json.dumps(info, indent=2, default=str))
+    lines = [f"run `{run}` ({settings['split']} split, device {info['device_name']}, dtype {base.dtype})", "",
+             "| task (metric) | docs/Qs | no ctx | full ctx | " + " | ".join(f"distill@{s} (s/chunk)" for s in steps)
+             + " | mismatched |", "|---" * (5 + len(steps)) + "|"]
+    for task, t in summary.items():
+        acc = t["accuracy"]
+        cells = " | ".join(f"{acc[f'distill@{s}']:.2f} ({t['seconds_per_chunk'][s]:.1f})" for s in steps)
+        lines.append(f"| {task} | {t['docs']}/{t['questions']} | {acc['no_context']:.2f} | {acc['full_context']:.2f} | "
+                     f"{cells} | {acc['mismatched']:.2f} |")
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()
