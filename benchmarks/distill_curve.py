@@ -31,7 +31,6 @@ import random
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -141,6 +140,25 @@ def answer(base: BaseModel, prompts: list[str], adapters: list[LoRAAdapter | Non
     return outs
 
 
+def write_report(folder: Path, run: str, config: DistillConfig, steps: list[int], summary: dict, dtype_name: str) -> None:
+    """results.json (everything) and table.md (the curve) for the tasks done so far."""
+    settings = {k: globals()[k] for k in _SETTINGS}
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    info = {"settings": settings, "config": config.to_dict(), "device_name": device_name,
+            "command": " ".join(sys.argv), "summary": summary}
+    (folder / "results.json").write_text(json.dumps(info, indent=2, default=str))
+    lines = [f"run `{run}` ({split} split, device {device_name}, dtype {dtype_name})", "",
+             "| task (metric) | docs/Qs | no ctx | full ctx | " + " | ".join(f"distill@{s} (s/chunk)" for s in steps)
+             + " | mismatched |", "|---" * (5 + len(steps)) + "|"]
+    for task, t in summary.items():
+        acc = t["accuracy"]
+        cells = " | ".join(f"{acc[f'distill@{s}']:.2f} ({t['seconds_per_chunk'][s]:.1f})" for s in steps)
+        lines.append(f"| {task} ({t['metric']}) | {t['docs']}/{t['questions']} | {acc['no_context']:.2f} | "
+                     f"{acc['full_context']:.2f} | {cells} | {acc['mismatched']:.2f} |")
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -183,6 +201,7 @@ def main() -> None:
         seconds = {s: sum(r.snapshots[s][0] for r in results if s in r.snapshots) / len(results) for s in steps}
         summary[task] = {
             "docs": len(docs),
+            "metric": docs[0]["metric"],
             "questions": len(scores["no_context"]),
             "accuracy": {k: sum(v) / len(v) for k, v in scores.items()},
             "seconds_per_chunk": seconds,
@@ -192,21 +211,9 @@ def main() -> None:
             "wall_seconds": wall,
         }
         print(task, json.dumps(summary[task]["accuracy"]), "s/chunk", seconds, flush=True)
+        answers_log.flush()
+        write_report(folder, run, config, steps, summary, str(base.dtype))  # after each task: partial runs keep results
     answers_log.close()
-    settings = {k: globals()[k] for k in _SETTINGS}
-    info = {"settings": settings, "config": config.to_dict(), "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "summary": summary}
-    (folder / "results.json").write_text(json.dumps(info, indent=2, default=str))
-    lines = [f"run `{run}` ({settings['split']} split, device {info['device_name']}, dtype {base.dtype})", "",
-             "| task (metric) | docs/Qs | no ctx | full ctx | " + " | ".join(f"distill@{s} (s/chunk)" for s in steps)
-             + " | mismatched |", "|---" * (5 + len(steps)) + "|"]
-    for task, t in summary.items():
-        acc = t["accuracy"]
-        cells = " | ".join(f"{acc[f'distill@{s}']:.2f} ({t['seconds_per_chunk'][s]:.1f})" for s in steps)
-        lines.append(f"| {task} | {t['docs']}/{t['questions']} | {acc['no_context']:.2f} | {acc['full_context']:.2f} | "
-                     f"{cells} | {acc['mismatched']:.2f} |")
-    (folder / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     print(f"wrote {folder}")
 
 

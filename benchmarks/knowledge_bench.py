@@ -65,6 +65,17 @@ def write_corpus(folder: Path, num_chunks: int, seed: int = 0) -> list[Path]:
     return files
 
 
+def text_corpus(num_chunks: int, seed: int = 0, facts_per_doc: int = 50) -> list[str]:
+    """Plain-text documents of short facts separated by blank lines (no unstructured NLP on this path)."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(max(1, num_chunks // facts_per_doc)):
+        facts = [f"Fact {d}-{k}: the {' '.join(rng.choice(WORDS) for _ in range(6))} has code {rng.randint(0, 10**6)}."
+                 for k in range(facts_per_doc)]
+        docs.append("\n\n".join(facts))
+    return docs
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -73,11 +84,15 @@ def percentile(values: list[float], q: float) -> float:
 def run_size(engine: object, num_chunks: int, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     from d2l_integrations.knowledge import KnowledgeBase
 
-    files = write_corpus(workdir / f"corpus{num_chunks}", num_chunks)
-    kb = KnowledgeBase(workdir / f"kb{num_chunks}", engine, chunk_tokens=CHUNK_TOKENS, overlap_tokens=0, lazy=True,
-                       batch_size=64, method=args.method)
+    sources: list[Path] | list[str]
+    if args.corpus == "markdown":
+        sources = write_corpus(workdir / f"corpus{num_chunks}", num_chunks)
+    else:
+        sources = text_corpus(num_chunks)
+    kb = KnowledgeBase(workdir / f"kb{num_chunks}-{args.corpus}", engine, chunk_tokens=args.chunk_tokens,
+                       overlap_tokens=0, lazy=True, batch_size=64, method=args.method)
     t0 = time.perf_counter()
-    kb.add(files, progress=False)
+    kb.add(sources, progress=False)
     wall = time.perf_counter() - t0
     stats = kb.last_add_stats
     chunks = stats.chunks
@@ -114,9 +129,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--queries", type=int, default=QUERIES)
+    parser.add_argument("--corpus", choices=["markdown", "text"], default="markdown",
+                        help="markdown: .md files through unstructured; text: strings of short facts (fast path)")
+    parser.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS)
     parser.add_argument("--internalize-chunks", type=int, default=2, help="chunks internalized per size (0: skip)")
     parser.add_argument("--method", default="auto", help="internalization method: auto, hypernetwork, distill")
     parser.add_argument("--distill-max-steps", type=int, default=None, help="cap distill steps per chunk (CPU runs)")
+    parser.add_argument("--distill-max-questions", type=int, default=None, help="cap distill questions per chunk")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     args = parser.parse_args()
@@ -129,12 +149,19 @@ def main() -> int:
 
     from d2l_integrations.engine.engine import D2LEngine
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     t = time.perf_counter()
     engine = D2LEngine.default(device="cpu")
-    if args.distill_max_steps is not None:
+    if args.distill_max_steps is not None or args.distill_max_questions is not None:
         from d2l_integrations.engine.distill import DistillConfig
 
-        engine = D2LEngine(engine.base, engine.hypernetwork, distill_config=DistillConfig(max_steps=args.distill_max_steps))
+        overrides: dict[str, int] = {}
+        if args.distill_max_steps is not None:
+            overrides["max_steps"] = args.distill_max_steps
+        if args.distill_max_questions is not None:
+            overrides.update(max_questions=args.distill_max_questions, about_questions=0)
+        engine = D2LEngine(engine.base, engine.hypernetwork, distill_config=DistillConfig(**overrides))
     load_s = time.perf_counter() - t
     internalizer = engine.internalizer(args.method)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="knowledge_bench_"))
@@ -150,11 +177,11 @@ def main() -> int:
         "    .venv/bin/python " + " ".join(["benchmarks/knowledge_bench.py", *sys.argv[1:]]),
         "```",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads. Engine: {engine.base.name} ({engine.base.dtype}), loaded in "
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end "
+        f"(shared machine), torch {torch.__version__}, {torch.get_num_threads()} torch threads. Engine: {engine.base.name} ({engine.base.dtype}), loaded in "
         f"{load_s:.1f} s; internalizer `{getattr(internalizer, 'name', args.method)}` "
-        f"(`{getattr(internalizer, 'checkpoint_id', None)}`). Chunks of {CHUNK_TOKENS} tokens (overlap 0), "
-        "synthetic Markdown, embedded Chroma, `lazy=True` while ingesting.",
+        f"(`{getattr(internalizer, 'checkpoint_id', None)}`). Chunks of at most {args.chunk_tokens} tokens "
+        f"(overlap 0), synthetic {args.corpus} corpus, embedded Chroma, `lazy=True` while ingesting.",
         "",
         "| chunks | docs | parse (chunks/s) | embed (chunks/s) | store (chunks/s) | internalize (chunks/s) | "
         "add wall (s) | query p50 (ms) | query p95 (ms) |",

@@ -98,6 +98,11 @@ def make_variant(name: str, base) -> tuple[nn.Module, object]:  # noqa: ANN001
         for p in h.scaler_B.values():
             p.data.fill_(1.0)
         return h, None
+    if name == "d2l_sb1_small":  # fits the 24 MB shipping limit in bf16 (~11.4M parameters)
+        h = Hypernetwork(small_config(base, latent_size=128, head_dim=32, resmlp_factor=1))
+        for p in h.scaler_B.values():
+            p.data.fill_(1.0)
+        return h, None
     if name == "fixedA":
         return FixedAHypernetwork(cfg), None
     if name == "oracle":

@@ -21,13 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.datasets import Question, Task
 from d2l_integrations.engine.lora import LoRAAdapter, compose_adapters
 from d2l_integrations.errors import ContextLengthError, NoAdaptersError
 from d2l_integrations.routing.config import RouterConfig
 from d2l_integrations.routing.decision import Route
 from d2l_integrations.routing.policies import ChunkSignal, RoutingSignals, confidence_fallback, decide
-
-from benchmarks.datasets import Question, Task
 
 logger = logging.getLogger(__name__)
 

@@ -175,6 +175,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- questions: {run['n_questions']} per method, tasks: {', '.join(run['tasks'])}; same questions, model and process for every method",
         f"- d2l internalizer: **{run['internalizer'] or 'not run'}**"
         + ("" if run.get("hypernetwork_loaded") else " (no hypernetwork checkpoint is loaded for this model, so D2L adapters come from per-document distillation)"),
+        *([f"- distill budget: max_steps {run['distill_config']['max_steps']}, max_questions {run['distill_config']['max_questions']}, "
+            f"batch_size {run['distill_config']['batch_size']}, rank {run['distill_config']['rank']} (the `full` suite uses the engine default)"]
+          if run.get("distill_config") else []),
         f"- context window {run['context_window']} tokens; chunks of {run['chunk_tokens']} tokens; rag top-k {run['router']['top_k']}; "
         f"adapter budget {run['router']['adapter_budget']}; router calibrated: {run['router']['calibrated']}",
         f"- wall time {run['wall_s']:.0f} s; host: {run['host']['cpus']} CPUs, torch threads {run['host']['torch_threads']}"

@@ -29,11 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from d2l_integrations.routing.config import RouterConfig
-
 from benchmarks import report
 from benchmarks.datasets import SUITES, load_suite
 from benchmarks.methods import ADAPTER_METHODS, METHODS, Workbench
+from d2l_integrations.routing.config import RouterConfig
 
 logger = logging.getLogger("benchmarks")
 
@@ -151,10 +150,15 @@ def run_suite(
 
     t_start = time.perf_counter()
     load_start = _loadavg()
+    _, settings = load_suite(suite_name, len, tasks=[])  # the suite's settings only
     if engine is None:
         from d2l_integrations.engine.engine import D2LEngine
 
         engine = D2LEngine.default(device=device)
+        if settings["distill"]:
+            from d2l_integrations.engine.distill import DistillConfig
+
+            engine = D2LEngine(engine.base, engine.hypernetwork, distill_config=DistillConfig(**settings["distill"]))
     run_device = str(engine.base.device)
     router = RouterConfig.default(engine.base.name)
     task_list, settings = load_suite(suite_name, engine.count_tokens, tasks=tasks, exclude_titles=calibration_titles(router))
@@ -204,6 +208,7 @@ def run_suite(
         "context_window": engine.base.context_window,
         "internalizer": bench.internalizer_name,
         "internalizer_checkpoint": bench.internalizer_checkpoint,
+        "distill_config": _distill_settings(engine) if bench.internalizer_name == "distill" else None,
         "hypernetwork_loaded": getattr(engine, "hypernetwork", None) is not None,
         "chunk_tokens": bench.chunk_tokens or _default_chunk_tokens(),
         "router": {"top_k": bench.router.top_k, "adapter_budget": bench.router.adapter_budget,
@@ -235,6 +240,12 @@ def _default_chunk_tokens() -> int:
     from d2l_integrations.engine.engine import DEFAULT_CHUNK_TOKENS
 
     return DEFAULT_CHUNK_TOKENS
+
+
+def _distill_settings(engine: Any) -> dict[str, Any] | None:
+    internalizer = engine.internalizer("distill")
+    config = getattr(internalizer, "config", None) or getattr(engine, "_distill_config", None)
+    return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
 
 
 def _loadavg() -> list[float] | None:

@@ -540,3 +540,22 @@ def convert_sakana_checkpoint(
     if base_model_revision is not None:
         hypernetwork.config = replace(hypernetwork.config, base_model_revision=base_model_revision)
     return save_checkpoint(hypernetwork, directory, source=f"sakana:{Path(path).name}", overwrite=overwrite)
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "check_compatible",
+    "compute_checkpoint_id",
+    "convert_sakana_checkpoint",
+    "import_sakana_checkpoint",
+    "load_checkpoint",
+    "load_internalizer",
+    "load_sakana_state_dict",
+    "read_checkpoint_config",
+    "sakana_config",
+    "sakana_to_ours",
+    "save_checkpoint",
+]

@@ -70,6 +70,8 @@ class HypernetworkConfig:
             ``chat_prefix`` (the teacher prompt up to and including the chunk) or ``chat`` (as the
             reference tokenizes contexts: an empty system message, the stripped chunk as the user
             turn, and the generation prompt; what imported SakanaAI checkpoints were trained on).
+        chat_system_prompt: system message of the ``chat_prefix`` context (None: the chat template's
+            default); must equal the system prompt the hypernetwork was trained with.
         base_model: name of the base model this hypernetwork reads and writes for.
         base_model_revision: sha256 of the base weights (or hub revision) when known.
     """
@@ -93,6 +95,7 @@ class HypernetworkConfig:
     layer_norm_eps: float = 1e-5
     use_bias_lora: bool = True
     context_format: str = "raw"
+    chat_system_prompt: str | None = None  # the trainer's system prompt, so features match training
     base_model: str = DEFAULT_BASE_MODEL
     base_model_revision: str | None = None
 

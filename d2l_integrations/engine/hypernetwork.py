@@ -355,13 +355,13 @@ class Hypernetwork(nn.Module):
                 f"L={self.config.num_layers} and {self.config.hidden_size}. Encode with its own base model."
             )
             raise IncompatibleCheckpointError(msg)
-        dtype = self.head.weight.dtype
+        device, dtype = self.head.weight.device, self.head.weight.dtype
         # layer-major batch (index = layer * n + chunk), as the reference; every slice is independent
-        flat = features.to(dtype).transpose(0, 1).reshape(L * n, T, H)
-        mask = attention_mask.to(device=features.device, dtype=torch.bool).repeat(L, 1)  # (L*n, T)
+        flat = features.to(device=device, dtype=dtype).transpose(0, 1).reshape(L * n, T, H)
+        mask = attention_mask.to(device=device, dtype=torch.bool).repeat(L, 1)  # (L*n, T)
         latents = self.perceiver(flat, mask)  # (L*n, M*r, D)
         M, r = len(self.module_dims), self.config.rank
-        return latents.view(L, n, M, r, -1).transpose(0, 1)  # (n, L, M, r, D)
+        return latents.reshape(L, n, M, r, -1).transpose(0, 1)  # (n, L, M, r, D)
 
     def project(self, lora_embeddings: torch.Tensor) -> torch.Tensor:
         """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``."""
@@ -518,7 +518,7 @@ class HypernetworkInternalizer:
         """Encoder input ids of ``chunk`` per ``config.context_format``."""
         tokenizer = base.tokenizer
         if self.config.context_format == "chat_prefix":
-            return _chat_prefix_ids(tokenizer, chunk)
+            return _chat_prefix_ids(tokenizer, chunk, self.config.chat_system_prompt)
         if self.config.context_format == "chat":
             return _chat_turn_ids(tokenizer, chunk)
         ids = list(tokenizer(chunk, add_special_tokens=False)["input_ids"])
@@ -593,12 +593,18 @@ class HypernetworkInternalizer:
         )
 
 
-def _chat_prefix_ids(tokenizer: Any, chunk: str) -> list[int]:
-    """The chat template's system + user prefix up to and including ``chunk`` (no end-of-turn)."""
+def _chat_prefix_ids(tokenizer: Any, chunk: str, system_prompt: str | None) -> list[int]:
+    """The chat template's system + user prefix up to and including ``chunk`` (no end-of-turn).
+
+    This is the teacher prompt's prefix through the document as the distillation trainer builds
+    it, so the features at inference equal those seen in training.
+    """
     if not getattr(tokenizer, "chat_template", None):
         msg = "context_format='chat_prefix' needs a tokenizer with a chat template; this one has none. Use context_format='raw'."
         raise ConfigError(msg)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": chunk}], tokenize=False, add_generation_prompt=False)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    messages = [*system, {"role": "user", "content": chunk}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     end = text.rfind(chunk)
     if end < 0:
         msg = "The chat template altered the chunk text, so its prefix cannot be cut. Use context_format='raw'."
@@ -640,3 +646,25 @@ def _check_lengths(token_ids: list[list[int]], context_window: int) -> None:
         if not ids:
             msg = f"Chunk {index} tokenizes to no tokens; pass non-empty text."
             raise InvalidDocumentError(msg)
+
+
+__all__ = [
+    "CrossAttention",
+    "Hypernetwork",
+    "HypernetworkInternalizer",
+    "ModuleFactors",
+    "ModulePathNaming",
+    "Perceiver",
+    "PerceiverLayer",
+    "PerceiverStack",
+    "PerLayerHead",
+    "PerLayerLinear",
+    "RMSNorm",
+    "ResMLPBlockPerLayer",
+    "SwiGLU",
+    "check_base_shapes",
+    "chunk_sha256",
+    "default_module_path",
+    "encode_context",
+    "features_from_hidden_states",
+]

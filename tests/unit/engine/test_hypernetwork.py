@@ -31,6 +31,7 @@ class ToyTokenizer:
     """Character tokenizer with a BOS and a chat template, enough for the internalizer."""
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    eos_token = ""
     chat_template = "toy"
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
@@ -246,6 +247,8 @@ def test_context_formats(net: Hypernetwork, base: BaseModel) -> None:
     prefix_net = Hypernetwork(tiny_config(context_format="chat_prefix"))
     prefix = HypernetworkInternalizer(prefix_net).tokenize_chunk(base, chunk)
     assert prefix == tokenizer("<system>S</><user>" + chunk, add_special_tokens=False)["input_ids"]
+    custom = HypernetworkInternalizer(Hypernetwork(tiny_config(context_format="chat_prefix", chat_system_prompt="Be brief.")))
+    assert custom.tokenize_chunk(base, chunk) == tokenizer("<system>Be brief.</><user>" + chunk, add_special_tokens=False)["input_ids"]
     chat = HypernetworkInternalizer(Hypernetwork(tiny_config(context_format="chat"))).tokenize_chunk(base, chunk)
     assert chat == tokenizer("<system></><user>some text</><assistant>", add_special_tokens=False)["input_ids"]
     with pytest.raises(ConfigError, match="context_format"):
@@ -280,3 +283,13 @@ def test_bf16_base_with_fp32_hypernetwork(net: Hypernetwork, base: BaseModel) ->
         assert (low.delta_weight(name) - expected).abs().max() <= 0.1 * expected.abs().max()
     with torch.inference_mode(), use_adapters(bf16.model, low):
         assert torch.isfinite(bf16.model(input_ids=torch.tensor([[1, 4, 5]])).logits).all()
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+def test_chat_prefix_equals_the_trainers_document_prefix(base: BaseModel, system_prompt: str | None) -> None:
+    """Inference features must be computed over exactly the prefix the trainer encoded."""
+    from d2l_integrations.engine.training import Tokenizer
+
+    teacher_ids, prefix_length = Tokenizer(base.tokenizer, system_prompt=system_prompt).teacher_prompt("the document", "a question?")
+    net = Hypernetwork(tiny_config(context_format="chat_prefix", chat_system_prompt=system_prompt))
+    assert HypernetworkInternalizer(net).tokenize_chunk(base, "the document") == teacher_ids[:prefix_length]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+
 from d2l_integrations.engine.questions import build_questions, find_spans, split_sentences
 
 BIO = (

@@ -1,7 +1,7 @@
 """A separate process that uses a knowledge base, for the multi-process tests.
 
     python -m tests.unit.knowledge.kb_worker add STORE FILE... [--delay S] [--batch-size N]
-    python -m tests.unit.knowledge.kb_worker add-texts STORE PREFIX N
+    python -m tests.unit.knowledge.kb_worker add-texts STORE PREFIX N [--barrier DIR --parties 2]
     python -m tests.unit.knowledge.kb_worker stream FILE [--chunks N]   # stream a big file, report peak RSS
 
 Prints one JSON line on success.
@@ -14,6 +14,7 @@ import json
 import logging
 import resource
 import sys
+import time
 from pathlib import Path
 
 
@@ -23,6 +24,22 @@ def fact(prefix: str, i: int) -> str:
         f"Record {prefix}-{i}. The vault keeper of sector {prefix}{i} is named Keeper{prefix.upper()}{i}. "
         f"Sector {prefix}{i} stores {i * 13} crates of {prefix} amber, counted every {i + 2} days."
     )
+
+
+def _rss_kb(field: str) -> int:
+    """``VmRSS``/``VmHWM`` (peak) of this process in kB, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss() -> None:
+    """Make the peak (VmHWM) equal the current RSS (Linux >= 4.0), so imports do not mask later growth."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> int:
@@ -38,6 +55,8 @@ def main(argv: list[str]) -> int:
     p_texts.add_argument("store")
     p_texts.add_argument("prefix")
     p_texts.add_argument("n", type=int)
+    p_texts.add_argument("--barrier", default=None, help="folder: wait until --parties workers are ready")
+    p_texts.add_argument("--parties", type=int, default=2)
     p_stream = sub.add_parser("stream")
     p_stream.add_argument("file")
     p_stream.add_argument("--chunks", type=int, default=300)
@@ -52,14 +71,15 @@ def main(argv: list[str]) -> int:
         tokenizer = AutoTokenizer.from_pretrained(default_model_path())
         chunker = Chunker(tokenizer, chunk_tokens=384, overlap_tokens=32)
         chunker.count_tokens("warm up")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _reset_peak_rss()
+        before = _rss_kb("VmRSS")
         elements = sum(1 for _ in load_source(Path(args.file)).elements)  # the whole file, streamed
         chunks = 0
         for _ in chunker.chunk(load_source(Path(args.file))):  # lazy: stop early
             chunks += 1
             if chunks == args.chunks:
                 break
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = _rss_kb("VmHWM")
         print(json.dumps({"elements": elements, "chunks": chunks, "rss_before_kb": before, "rss_after_kb": after}))
         return 0
 
@@ -74,9 +94,23 @@ def main(argv: list[str]) -> int:
             ids += kb.add(Path(f), progress=False)
             print(json.dumps({"added": ids[-1]}), flush=True)
     else:
-        engine = SeededEngine()
+        engine = SeededEngine(delay_s=0.05)
         kb = KnowledgeBase(args.store, engine, chunk_tokens=64, overlap_tokens=8)
-        ids = [kb.add(fact(args.prefix, i), doc_id=f"{args.prefix}-{i}", progress=False)[0] for i in range(args.n)]
+        if args.barrier:  # start adding at the same moment as the other worker(s)
+            barrier = Path(args.barrier)
+            (barrier / f"{args.prefix}.ready").touch()
+            deadline = time.monotonic() + 180
+            while len(list(barrier.glob("*.ready"))) < args.parties:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the other worker never got ready")
+                time.sleep(0.01)
+        ids, times = [], []
+        for i in range(args.n):
+            ids += kb.add(fact(args.prefix, i), doc_id=f"{args.prefix}-{i}", progress=False)
+            times.append(time.time())
+        kb.close()
+        print(json.dumps({"ids": ids, "times": times}), flush=True)
+        return 0
     kb.close()
     print(json.dumps({"ids": ids}), flush=True)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from d2l_integrations.knowledge import ChromaStore, KnowledgeBase
+from d2l_integrations.knowledge import ChromaStore
 from tests.unit.knowledge.conftest import worker_env
 from tests.unit.knowledge.files import FACT
 

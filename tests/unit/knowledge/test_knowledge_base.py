@@ -194,3 +194,22 @@ def test_no_network_is_needed(make_kb, monkeypatch: pytest.MonkeyPatch, tmp_path
     assert hits[0].score > 0.4
     kb.adapters_for(hits)
     assert attempts == []
+
+
+def test_chroma_is_reconciled_with_the_catalog(make_kb) -> None:  # noqa: ANN001
+    kb = make_kb()
+    assert kb.add((t for t in ["Otters hold hands.", "Cats sit on mats."]), doc_id=["otters", "cats"]) == ["otters", "cats"]
+    otter_chunk = kb.chunks("otters")[0].chunk_id
+    with kb._lock.exclusive(), kb._chroma_write() as chroma:
+        chroma.delete([otter_chunk])  # an embedding lost ...
+        chroma.upsert(["ghost@0#0"], ["Otters ghost text"], [{"doc_id": "ghost"}])  # ... and one without a chunk
+    report = kb.repair()
+    assert report["removed_embeddings"] == 1 and report["added_embeddings"] == 1
+    assert kb.search("Who holds hands?", k=1)[0].chunk_id == otter_chunk
+    _consistent(kb)
+    with kb._lock.exclusive(), kb._chroma_write() as chroma:
+        chroma.delete([otter_chunk])
+    kb.close()
+    reopened = make_kb()  # opening notices the count mismatch and repairs
+    assert reopened.search("Who holds hands?", k=1)[0].chunk_id == otter_chunk
+    _consistent(reopened)

@@ -57,15 +57,20 @@ def test_sigkill_in_the_middle_of_add_leaves_a_consistent_store(make_kb, tmp_pat
 
 
 def test_concurrent_adds_from_two_processes(make_kb, tmp_path: Path) -> None:  # noqa: ANN001
-    store = tmp_path / "kb"
-    procs = [start_worker("add-texts", str(store), prefix, "6") for prefix in ("a", "b")]
+    store, barrier = tmp_path / "kb", tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [start_worker("add-texts", str(store), prefix, "4", "--barrier", str(barrier)) for prefix in ("a", "b")]
+    times = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
+        times.append(json.loads(out.strip().splitlines()[-1])["times"])
+    (a_first, a_last), (b_first, b_last) = [(t[0], t[-1]) for t in times]
+    assert a_first < b_last and b_first < a_last, "the two workers did not overlap"
     kb = make_kb(path=store)
-    assert sorted(d.doc_id for d in kb.list()) == sorted(f"{p}-{i}" for p in "ab" for i in range(6))
+    assert sorted(d.doc_id for d in kb.list()) == sorted(f"{p}-{i}" for p in "ab" for i in range(4))
     for p in "ab":
-        for i in (0, 5):
+        for i in (0, 3):
             assert kb.search(f"Who is the vault keeper of sector {p}{i}?", k=1)[0].doc_id == f"{p}-{i}"
     _consistent(kb)
 

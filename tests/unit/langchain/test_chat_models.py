@@ -10,7 +10,6 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from tiny_engine import tiny_engine
 
 from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.errors import (
@@ -22,6 +21,7 @@ from d2l_integrations.errors import (
 from d2l_integrations.knowledge import KnowledgeBase
 from d2l_integrations.langchain import ChatD2L, D2LChatModel, D2LRetriever
 from d2l_integrations.routing import RouteDecision, RouterConfig
+from tests.unit.routing.tiny_engine import tiny_engine
 
 FACT = "The Zorblax Institute was founded in 1873 by Mira Quell."
 QUESTION = "Who founded the Zorblax Institute?"

@@ -10,13 +10,13 @@ from llama_index.core.base.response.schema import AsyncStreamingResponse, Respon
 from llama_index.core.query_engine import CustomQueryEngine, RouterQueryEngine
 from llama_index.core.selectors import EmbeddingSingleSelector
 from llama_index.core.tools import QueryEngineTool
-from tiny_engine import tiny_engine
 
 from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.errors import KnowledgeBaseMismatchError, NoAdaptersError
 from d2l_integrations.knowledge import KnowledgeBase
 from d2l_integrations.llama_index import D2LLLM, D2LEmbedding, D2LQueryEngine
 from d2l_integrations.routing import RouterConfig
+from tests.unit.routing.tiny_engine import tiny_engine
 
 DOCS = [
     Document(text="The Zorblax Institute was founded in 1873 by Mira Quell.", id_="zorblax"),

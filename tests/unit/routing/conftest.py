@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tiny_engine import tiny_engine
 
 from d2l_integrations.engine.engine import D2LEngine
+from tests.unit.routing.tiny_engine import tiny_engine
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """A tiny random Llama wrapped in a real ``D2LEngine``, plus a toy hypernetwork, for CPU unit tests.
 
-Shared by tests/unit/{routing,langchain,llama_index} (their conftests load this file by path).
+Shared by tests/unit/{routing,langchain,llama_index} (``from tests.unit.routing.tiny_engine import ...``).
 Everything is built in memory: a byte-level BPE tokenizer trained on a few sentences, a 2-layer
 Llama with random weights, and ``ToyHypernetwork``, an ``Internalizer`` that maps a chunk's sha256
 to seeded random LoRA factors (so equal text gives equal adapters, different text different ones).

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_tests.unit_tests import ChatModelUnitTests
-from tiny_engine import tiny_engine
 
 from d2l_integrations.langchain import ChatD2L
+from tests.unit.routing.tiny_engine import tiny_engine
 
 _ENGINE = tiny_engine()
 
