@@ -31,7 +31,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from d2l_integrations.engine.config import HypernetworkConfig  # noqa: E402
-from d2l_integrations.engine.hypernetwork import Hypernetwork, features_from_hidden_states  # noqa: E402
+from d2l_integrations.engine.hypernetwork import Hypernetwork  # noqa: E402
 from d2l_integrations.engine.training import (  # noqa: E402
     DistillationTrainer,
     TrainingConfig,
@@ -211,7 +210,7 @@ def run_variant(base, variant: str, task_spec, *, seconds: float, out: Path, cfg
     trainer = DistillationTrainer(base, hyper, cfg, out_dir=work, features_fn=feats_fn)
     n_params = sum(p.numel() for p in hyper.parameters())
     t0 = time.time()
-    res = trainer.train(deadline=t0 + seconds)
+    res = trainer.train(deadline=t0 + seconds, on_log=lambda d: print(json.dumps(d), flush=True))
     train_s = time.time() - t0
     # validation (selection) on its own seed; evaluation (reported) on the held-out eval sets
     val = {}

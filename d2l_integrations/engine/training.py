@@ -17,10 +17,16 @@ Any hypernetwork-like module works if it has
     bias_factors() -> {module: (A [L, rb, d_in], B [L, rb, d_out])} | None     (optional)
     config.lora_alpha                                                           (delta = alpha * A^T B)
 
-Run (GPU machine; ``--help`` lists every option)::
+Run (GPU machine; ``--help`` lists every option). The recipe that works is a curriculum in one
+``--out`` folder (each command resumes the previous state; only the data changes)::
 
-    python -m d2l_integrations.engine.training --base /root/stage --gguf smol.gguf \\
-        --tasks needle:1 --out /root/run1 --minutes 8
+    python -m d2l_integrations.engine.training --base /root/stage/smol.gguf --out /root/run \\
+        --tasks needle_alone --steps 270 --lr 5e-4
+    ... --tasks needle_line,needle_essay --min-tokens 32 --max-tokens 128 --steps 860 --lr 5e-4
+    ... --tasks facts,needle_line,needle_essay --min-tokens 128 --max-tokens 512 --minutes 4 --lr 3e-4
+
+A fresh network gets ``scaler_B = 1`` (``open_document_path``): with the published 0 the
+document path never opens and training collapses to a document-independent adapter.
 
 State under ``--out``: ``state.pt`` (weights, optimizer, step, config; written atomically every
 ``save_every`` steps and at the end), ``log.jsonl`` (one line per ``log_every`` steps and per
@@ -320,6 +326,7 @@ class DistillationTrainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
         self.step = 0
+        self.skipped_rows = 0  # training rows with an empty document, question or response
         self.elapsed_s = 0.0
         self.tokens_seen = 0
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
@@ -387,7 +394,13 @@ class DistillationTrainer:
     def train_step(self) -> dict[str, float]:
         c = self.config
         self.hypernet.train()
-        batch = self.tokens.batch(self.train_data.batch(self.step, c.batch_size), self.device)
+        rows = self.train_data.batch(self.step, c.batch_size)
+        kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
+        self.skipped_rows += len(rows) - len(kept)
+        if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
+            self.step += 1
+            return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
+        batch = self.tokens.batch(kept, self.device)
         t_logits, feats, mask = self.teacher(batch)
         factors = self.generate_factors(feats, mask)
         s_logits = self.student(batch, factors)
@@ -441,6 +454,8 @@ class DistillationTrainer:
                 break
             rec = self.train_step()
             step_times.append(time.time() - ts)
+            if "skipped" in rec:
+                continue
             for k, v in rec.items():
                 ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
             if self.step % c.log_every == 0 or self.step == 1:
@@ -454,6 +469,8 @@ class DistillationTrainer:
             if self.out_dir is not None and c.save_every and self.step % c.save_every == 0:
                 self.save_state()
         self.elapsed_s += time.time() - t0
+        self._log({"step": self.step, "stopped": "deadline" if self.step < stop else "steps", "elapsed_s": round(self.elapsed_s, 1),
+                   "tokens_seen": self.tokens_seen, "skipped_rows": self.skipped_rows}, on_log)
         if self.out_dir is not None:
             self.save_state()
         return {"step": self.step, "elapsed_s": self.elapsed_s, "ema": ema}
@@ -463,7 +480,10 @@ class DistillationTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
-        (on_log or (lambda d: print(json.dumps(d), flush=True)))(line)
+        if on_log is not None:
+            on_log(line)
+        else:
+            logger.info("%s", json.dumps(line))
 
     # ---------------------------------------------------------------------------- state
     def _identity(self) -> dict[str, Any]:
@@ -517,7 +537,6 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
     Also reports, for ``mismatched``, how often the *other* document's answer comes out (leak).
     """
     tok = trainer.tokens
-    model = trainer.model
     trainer.hypernet.eval()
     hits: dict[str, list[bool]] = {c: [] for c in conditions}
     leak: list[bool] = []
@@ -566,6 +585,28 @@ def _generate(trainer: DistillationTrainer, prompts: Sequence[list[int]], factor
 
 
 # ------------------------------------------------------------------------------------- CLI
+SMOLLM2_135M_SHAPE: dict[str, Any] = dict(latent_size=128, num_latents=16, num_blocks=3, num_heads=4, num_kv_heads=4, head_dim=32,
+                                          projection_factor=2, mlp_factor=2, resmlp_factor=1, context_format="chat_prefix")
+"""The shape of the shipped SmolLM2-135M checkpoint: 11.7 M parameters, 23.5 MB in bf16."""
+
+
+def open_document_path(hypernet: nn.Module, value: float = 1.0) -> None:
+    """Set the generated-B scalers of a *fresh* hypernetwork to ``value`` (the published init is 0).
+
+    With ``scaler_B = 0`` the generated B is exactly zero and the head's effective learning rate
+    is scaled by ``scaler_B``; the bias LoRA learns the document-independent part first and the
+    document path never opens (digit CE stuck at chance, see benchmarks/results/training_log.md).
+    Do not call this on a trained network.
+    """
+    scalers = getattr(hypernet, "scaler_B", None)
+    if scalers is None:
+        msg = f"{type(hypernet).__name__} has no scaler_B; nothing to open."
+        raise TypeError(msg)
+    with torch.no_grad():
+        for p in scalers.values():
+            p.fill_(value)
+
+
 def _parse_tasks(spec: str) -> tuple[tuple[str, float], ...]:
     out = []
     for part in spec.split(","):
@@ -581,14 +622,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tasks", default="needle:1", help="task:weight,... (needle, needle_alone, needle_line, needle_essay, facts, cloze)")
     p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="stop at this global step (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-steps", type=int, default=20_000)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--ce-weight", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides")
+    p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides of SMOLLM2_135M_SHAPE")
+    p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
+    p.add_argument("--min-tokens", type=int, default=128, help="needle haystack length, nominal tokens")
+    p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     t_start = time.time()
@@ -598,12 +642,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from d2l_integrations.engine.hypernetwork import Hypernetwork
 
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
-    overrides = json.loads(args.hypernet_config) if args.hypernet_config else {}
+    overrides = {**SMOLLM2_135M_SHAPE, **(json.loads(args.hypernet_config) if args.hypernet_config else {})}
     hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
                               base_model=base.name, base_model_revision=base.revision, **overrides)
     hyper = Hypernetwork(hcfg).to(base.device)
+    open_document_path(hyper, args.scaler_b_init)  # overwritten by the saved state when resuming
+    lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
     cfg = TrainingConfig(tasks=_parse_tasks(args.tasks), batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k)
+                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
+                         task_kwargs={t: lengths for t in ("needle", "needle_line", "needle_essay")})
     trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out)
     if trainer.maybe_resume():
         logger.info("Resumed from %s at step %d", args.out, trainer.step)

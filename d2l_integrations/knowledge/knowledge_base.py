@@ -255,15 +255,20 @@ class KnowledgeBase:
         self._chunker: Chunker | None = None
         with self._lock.exclusive():
             self._catalog = Catalog(self.path / CATALOG_NAME)
-            manifest = self._check_manifest(reinternalize=reinternalize)
-        self.chunk_tokens = int(chunk_tokens or manifest.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
-        self.overlap_tokens = int(
-            overlap_tokens if overlap_tokens is not None else manifest.get("overlap_tokens", DEFAULT_OVERLAP_TOKENS)
-        )
-        checkpoint = manifest.get("internalizer")
-        self._adapters = AdapterStore(self.path / "adapters", checkpoint_id=checkpoint) if checkpoint else None
-        with self._lock.exclusive():
-            self._repair(force=manifest.get("_force_reconcile") == "1")
+        try:
+            with self._lock.exclusive():
+                manifest = self._check_manifest(reinternalize=reinternalize)
+            self.chunk_tokens = int(chunk_tokens or manifest.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
+            self.overlap_tokens = int(
+                overlap_tokens if overlap_tokens is not None else manifest.get("overlap_tokens", DEFAULT_OVERLAP_TOKENS)
+            )
+            checkpoint = manifest.get("internalizer")
+            self._adapters = AdapterStore(self.path / "adapters", checkpoint_id=checkpoint) if checkpoint else None
+            with self._lock.exclusive():
+                self._repair(force=manifest.get("_force_reconcile") == "1")
+        except BaseException:
+            self.close()  # release the catalog, locks and Chroma client of a store we refuse to open
+            raise
 
     # ================================================================== setup
     def _register_chroma(self) -> _EmbeddedChromaState:

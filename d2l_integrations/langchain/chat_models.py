@@ -98,6 +98,12 @@ class ChatD2L(BaseChatModel):
 
         Per call: ``model.invoke(q, route="rag")``, ``model.invoke(q, adapter=my_adapter)``.
 
+    Batch:
+        .. code-block:: python
+
+            model.batch(["Q1", "Q2"])                          # each row routed on its own, one engine batch
+            model.batch(["Q", "Q"], adapters=[adapter_a, adapter_b])   # one adapter per row
+
     Stream:
         .. code-block:: python
 

@@ -25,25 +25,29 @@ async def run_in_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) ->
     return await loop.run_in_executor(None, partial(context.run, func, *args, **kwargs))
 
 
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]], *, buffer: int = 8) -> AsyncIterator[T]:
     """Yield the items of ``make_iterator()``, which runs entirely in one worker thread.
 
-    Stopping early (``break`` or cancellation) tells the worker to stop after its current item.
+    The worker runs at most ``buffer`` items ahead of the consumer; stopping early (``break`` or
+    cancellation) makes it stop after its current item.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=buffer)
     stop = threading.Event()
+
+    def put(kind: str, value: Any) -> None:
+        asyncio.run_coroutine_threadsafe(queue.put((kind, value)), loop).result()  # blocks while the buffer is full
 
     def produce() -> None:
         try:
             for item in make_iterator():
                 if stop.is_set():
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                put("item", item)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            put("error", exc)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            put("done", None)
 
     context = contextvars.copy_context()
     worker = loop.run_in_executor(None, context.run, produce)
@@ -57,6 +61,11 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIt
             yield value
     finally:
         stop.set()
+        while not worker.done():  # drain so a worker blocked on a full buffer can see `stop`
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                await asyncio.sleep(0.005)
         await worker
 
 

@@ -87,7 +87,8 @@ def test_resume_restores_weights_optimizer_and_step(tiny_base, tmp_path):
     trainer.train(max_steps=4)
     assert (tmp_path / "state.pt").is_file()
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 4 and "tok_per_s" in lines[-1]
+    assert lines[-1] == {**lines[-1], "step": 4, "stopped": "steps"}
+    assert any("tok_per_s" in x for x in lines)
     saved = {k: v.clone() for k, v in trainer.hypernet.state_dict().items()}
     again = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), out_dir=tmp_path)
     assert again.maybe_resume() and again.step == 4
@@ -153,3 +154,48 @@ def test_data_is_deterministic_and_splits_are_disjoint():
     except FileNotFoundError:
         pytest.skip("essay data not available")
     assert not {tuple(e) for e in train._essays} & {tuple(e) for e in held._essays}
+
+
+def test_published_init_has_no_document_path_and_open_document_path_fixes_it(tiny_base):
+    from d2l_integrations.engine.training import open_document_path
+
+    net = tiny_hypernet(tiny_base)
+    for p in net.scaler_B.values():
+        p.data.zero_()  # the published init
+    feats = torch.randn(2, tiny_base.num_layers, 5, tiny_base.hidden_size)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    _, B = net(feats, mask)["down_proj"]
+    assert torch.count_nonzero(B) == 0  # generated B is exactly zero: no document-dependent delta
+    open_document_path(net)
+    _, B = net(feats, mask)["down_proj"]
+    assert not torch.allclose(B[0], B[1])  # two documents, two adapters
+
+
+def test_cli_trains_and_resumes(tiny_base, tmp_path):
+    from d2l_integrations.engine.training import main
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    shape = json.dumps(dict(rank=2, latent_size=16, num_latents=4, num_blocks=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                            projection_factor=1, mlp_factor=1, resmlp_factor=1))
+    args = ["--base", str(folder), "--device", "cpu", "--out", str(tmp_path / "run"), "--tasks", "needle_alone",
+            "--batch-size", "2", "--hypernet-config", shape]
+    main([*args, "--steps", "2"])
+    main([*args, "--steps", "3"])  # resumes at step 2
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3 and max(steps) == 3
+
+
+def test_empty_rows_are_skipped_and_counted(tiny_base):
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    good = trainer.train_data.batch(0, 3)
+    bad = Example("", "What?", "x", "", (), "facts")
+
+    class Mix:
+        def batch(self, step, size):
+            return [*good, bad]
+
+    trainer.train_data = Mix()
+    rec = trainer.train_step()
+    assert np.isfinite(rec["loss"]) and trainer.skipped_rows == 1

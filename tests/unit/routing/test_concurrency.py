@@ -45,7 +45,7 @@ async def test_errors_reach_the_consumer_and_early_stop_ends_the_worker() -> Non
     async for item in iterate_in_thread(endless):
         if item == 2:
             break
-    assert len(produced) < 1000  # the worker stopped soon after the consumer did
+    assert len(produced) <= 2 + 8 + 2  # the worker stopped within one buffer of where the consumer did
 
 
 async def test_run_in_thread_copies_the_context() -> None:
