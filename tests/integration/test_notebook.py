@@ -19,8 +19,12 @@ def test_rag_vs_d2l_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("D2L_NOTEBOOK_OUT", str(tmp_path / "run"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    from jupyter_client.manager import KernelManager
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    # IPC (unix sockets) instead of TCP: the test suite runs with --disable-socket --allow-unix-socket
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+    client = nbclient.NotebookClient(nb, km=km, timeout=900, resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()
     outputs = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "internalizer" in outputs
