@@ -270,11 +270,13 @@ def plot_all(summary: dict[str, Any], plot_dir: Path) -> list[Path]:
 
     # 1. accuracy vs prompt tokens
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, s in methods.items():
+    for i, (m, s) in enumerate(methods.items()):
         if s["prompt_tokens"] is None:
             continue
         ax.scatter(s["prompt_tokens"], s["score"] or 0.0, s=60)
-        ax.annotate(m, (s["prompt_tokens"], s["score"] or 0.0), textcoords="offset points", xytext=(5, 4))
+        # staggered labels: methods often share a point (same prompt, same score)
+        ax.annotate(m, (s["prompt_tokens"], s["score"] or 0.0), textcoords="offset points", xytext=(6, 6 - 11 * (i % 3)), fontsize=8)
+    ax.set_ylim(-0.05, 1.05)
     ax.set_xscale("log")
     ax.set_xlabel("mean prompt tokens per query (log)")
     ax.set_ylabel("score (F1 on QA, exact number on NIAH)")

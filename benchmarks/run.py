@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--internalize-method", default=internalize_method, choices=("auto", "distill", "hypernetwork"))
     p.add_argument("--prices", default=None, help="price table JSON (default benchmarks/prices.json)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy host 1 can be faster than 2)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -281,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     summary = run_suite(
         args.suite, args.methods, args.out, device=args.device, internalize_method=args.internalize_method,
         tasks=args.tasks.split(",") if args.tasks else None, prices=args.prices, max_new_tokens=args.max_new_tokens,
