@@ -11,6 +11,7 @@ and concurrent calls (threads, asyncio tasks) never see each other's adapters.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import threading
@@ -281,7 +282,16 @@ class D2LEngine:
         gen_cfg = _generation_config(settings)
         prompt = self._prompt_ids(messages, gen_cfg)
         adapter = self._resolve(adapters)
-        yield from self._decode([prompt], [adapter], gen_cfg, stream_row=0)
+        # Step the decoder inside a context of its own: two streams advanced alternately in one
+        # thread must not see (or reset) each other's active adapters.
+        context = contextvars.copy_context()
+        decoder = self._decode([prompt], [adapter], gen_cfg, stream_row=0)
+        while True:
+            try:
+                event = context.run(next, decoder)
+            except StopIteration:
+                return
+            yield event
 
     def generate_batch(
         self,

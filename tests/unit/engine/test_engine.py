@@ -202,3 +202,21 @@ def test_score_prefers_the_models_own_answer(engine):
     g = engine.generate(USER, adapters=None, max_new_tokens=6)
     own = engine.score(USER, g.text)
     assert own > engine.score(USER, "zzzz qqqq xxxx")
+
+
+def test_interleaved_streams_keep_their_own_adapters(engine):
+    a, b = random_adapter(engine.base, 11), random_adapter(engine.base, 12)
+    expected_a = engine.generate(USER, adapters=a, max_new_tokens=8).text
+    expected_b = engine.generate(USER, adapters=b, max_new_tokens=8).text
+    assert expected_a != expected_b
+    sa, sb = engine.stream(USER, adapters=a, max_new_tokens=8), engine.stream(USER, adapters=b, max_new_tokens=8)
+    got_a, got_b = [], []
+    live = {"a": (sa, got_a), "b": (sb, got_b)}
+    while live:  # advance the two streams alternately, one event each
+        for name in list(live):
+            stream, sink = live[name]
+            try:
+                sink.append(next(stream).text)
+            except StopIteration:
+                del live[name]
+    assert "".join(got_a) == expected_a and "".join(got_b) == expected_b
