@@ -89,8 +89,8 @@ class DistillConfig:
         layers: decoder layers to adapt (None: all); fewer layers train faster but store less.
         lr: AdamW learning rate of the LoRA factors (fp32).
         weight_decay: AdamW weight decay; 0 since each LoRA is trained from scratch briefly.
-        max_steps: optimisation steps per chunk group (None: only ``max_seconds`` limits); 20 is
-            the largest budget measured on CPU (needles reached 100 % already at 10).
+        max_steps: optimisation steps per chunk group (None: only ``max_seconds`` limits). 40 as in
+            distill_check: the CPU curve (10, 20 steps) had not plateaued on facts or eval needles.
         max_seconds: optimisation wall-clock seconds per chunk (a group of k chunks gets k times
             this); None: only ``max_steps`` limits. Teacher time is not counted.
         batch_size: training questions per chunk per step.
@@ -118,7 +118,7 @@ class DistillConfig:
     layers: tuple[int, ...] | None = None
     lr: float = 3e-3
     weight_decay: float = 0.0
-    max_steps: int | None = 20
+    max_steps: int | None = 40
     max_seconds: float | None = None
     batch_size: int = 4
     chunks_per_batch: int = 4
