@@ -55,6 +55,7 @@ def _method_stats(rows: list[dict[str, Any]], prices: dict, device: str) -> dict
         "score": mean([r["score"] for r in attempted]),
         "em": mean([r["em"] for r in qa]),
         "f1": mean([r["f1"] for r in qa]),
+        "contains": mean([r["contains"] for r in qa]),
         "niah_acc": mean([r["niah"] for r in niah]),
         "prompt_tokens": ptok,
         "completion_tokens": ctok,
@@ -190,15 +191,16 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "## Per method",
         "",
-        "score = token F1 on QA, exact-number accuracy on NIAH; a question the method cannot fit in the context window scores 0.",
+        "score = token F1 on QA, exact-number accuracy on NIAH; a question the method cannot fit in the context window scores 0. "
+        "EM, F1 and contains (a reference inside the answer; lenient with chatty small models) are over QA questions.",
         "",
-        "| method | n | answered | over ctx | skipped | score | EM | F1 | NIAH acc | prompt tok | p50 s | p95 s | TTFT p50 s | peak MB | $/1k q tokens | $/1k q compute |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | n | answered | over ctx | skipped | score | EM | F1 | contains | NIAH acc | prompt tok | p50 s | p95 s | TTFT p50 s | peak MB | $/1k q tokens | $/1k q compute |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in methods.items():
         lines.append(
             f"| {m} | {s['n']} | {s['answered']} | {s['over_context']} | {s['skipped']} | {_f(s['score'])} | {_f(s['em'])} | {_f(s['f1'])} | "
-            f"{_f(s['niah_acc'])} | {_f(s['prompt_tokens'], 0)} | {_f(s['latency_p50_s'])} | {_f(s['latency_p95_s'])} | {_f(s['ttft_p50_s'])} | "
+            f"{_f(s['contains'])} | {_f(s['niah_acc'])} | {_f(s['prompt_tokens'], 0)} | {_f(s['latency_p50_s'])} | {_f(s['latency_p95_s'])} | {_f(s['ttft_p50_s'])} | "
             f"{_f(s['peak_memory_mb'], 0)} | {_money(s['usd_per_1k_q_tokens'])} | {_money(s['usd_per_1k_q_compute'])} |"
         )
     lines += [
@@ -366,6 +368,19 @@ def write_run(run_dir: Path, rows: Sequence[dict], doc_costs: Sequence[dict], su
     (run_dir / "results.md").write_text(md, encoding="utf-8")
 
 
+def rebuild(run_dir: str | Path) -> dict[str, Any]:
+    """Re-summarize a finished run folder from its rows (after a change to the tables); no model runs."""
+    run_dir = Path(run_dir)
+    old, rows = load_run(run_dir)
+    with open(run_dir / "documents.jsonl", encoding="utf-8") as fh:
+        docs = [json.loads(line) for line in fh if line.strip()]
+    peak = {m: int(s["peak_memory_mb"] * 2**20) for m, s in old["methods"].items() if s.get("peak_memory_mb") is not None}
+    score_rows(rows)
+    summary = summarize(rows, docs, peak, old["prices"], old["run"])
+    write_run(run_dir, rows, docs, summary)
+    return summary
+
+
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary and rows of a finished run folder."""
     run_dir = Path(run_dir)
@@ -375,4 +390,4 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     return summary, rows
 
 
-__all__ = ["load_run", "markdown", "plot_all", "score_rows", "summarize", "write_run"]
+__all__ = ["load_run", "markdown", "plot_all", "rebuild", "score_rows", "summarize", "write_run"]

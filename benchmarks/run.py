@@ -179,14 +179,17 @@ def run_suite(
     rows: list[dict[str, Any]] = []
     peak: dict[str, int] = {}
     questions = [(t, q) for t in task_list for q in t.questions]
-    for method in methods:
-        t0 = time.perf_counter()
-        with _bar(len(questions), method, progress) as bar, PeakMemory(run_device) as mem:
-            for task, q in questions:
-                rows.append(bench.answer(method, task, q))
+    # Methods are interleaved per question, in an order rotated from one question to the next, so a
+    # change in the host's load during the run falls on every method alike.
+    with _bar(len(questions) * len(methods), "answer", progress) as bar:
+        for i, (task, q) in enumerate(questions):
+            for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+                t0 = time.perf_counter()
+                with PeakMemory(run_device) as mem:
+                    rows.append(bench.answer(method, task, q))
+                peak[method] = max(peak.get(method, 0), mem.peak_bytes)
+                phases[f"{method}_s"] = phases.get(f"{method}_s", 0.0) + time.perf_counter() - t0
                 bar.update(1)
-        peak[method] = mem.peak_bytes
-        phases[f"{method}_s"] = time.perf_counter() - t0
     if "d2l" in methods:  # the accuracy-vs-summed-adapters curve
         for task in (t for t in task_list if t.sweep_adapters):
             for n in task.sweep_adapters:

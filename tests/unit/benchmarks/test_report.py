@@ -83,6 +83,7 @@ def test_write_run_makes_every_output(rows, tmp_path):
     assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     md = (tmp_path / "results.md").read_text()
     assert "| full_context | 2 | 1 | 1 | 0 | 0.50 |" in md
+    assert report.rebuild(tmp_path)["methods"]["rag"]["contains"] == 1.0
     assert "internalizer **distill**" in md and "no hypernetwork checkpoint" in md
     summary, back = report.load_run(tmp_path)
     assert len(back) == len(rows) and summary["run"]["suite"] == "unit"
@@ -107,4 +108,5 @@ def test_run_suite_end_to_end_on_tiny_model(tiny_engine, data_root, tmp_path):
     assert {r["method"]: r["status"] for r in long}["d2l"] == "skipped"
     assert all(r["route"] != "auto" for r in main if r["method"] == "auto")
     assert any(r["method"] == "d2l_sum" for r in rows)
+    assert len({r["method"] for r in main[:5]}) == 5  # methods interleaved per question (load drift hits all alike)
     assert (tmp_path / "plots" / "niah_heatmap.png").exists()
