@@ -30,8 +30,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2l_integrations.engine.atomic import atomic_folder
 from d2l_integrations.engine.config import HypernetworkConfig
 from d2l_integrations.engine.hypernetwork import Hypernetwork, HypernetworkInternalizer, check_base_shapes
 from d2l_integrations.errors import (
@@ -135,21 +134,9 @@ def save_checkpoint(
 
 
 def _write_folder_atomically(directory: Path, state: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "checkpoint_id": document["metadata"]["checkpoint_id"]})
         (tmp / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_checkpoint_config(directory: str | os.PathLike[str]) -> tuple[HypernetworkConfig, dict[str, Any]]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2l_integrations.engine.atomic import atomic_folder
 from d2l_integrations.errors import ExportError, IncompatibleAdapterError
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
@@ -215,7 +214,6 @@ class LoRAAdapter:
         never leaves a half-written adapter. An existing folder is replaced.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         scalings: dict[str, float] = {}
         for prefix, group in (("", self.weights), ("bias.", self.bias or {})):
@@ -230,21 +228,9 @@ class LoRAAdapter:
             "scalings": scalings,
             "has_bias": bool(self.bias),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_folder(directory) as tmp:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "d2l_config": json.dumps(config)})
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-            _fsync_dir_files(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -375,9 +361,3 @@ def _natural_key(name: str) -> list[object]:
 
 def _re_escape(name: str) -> str:
     return name.replace(".", r"\.")
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for p in directory.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
