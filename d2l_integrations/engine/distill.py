@@ -54,7 +54,7 @@ from torch import nn
 
 from d2l_integrations.engine.base_model import BaseModel
 from d2l_integrations.engine.config import _from_dict
-from d2l_integrations.engine.internalizer import ProgressCallback
+from d2l_integrations.engine.internalizer import ProgressCallback, check_chunks
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 from d2l_integrations.engine.questions import TrainingQuestion, build_questions, split_sentences
 from d2l_integrations.errors import ConfigError, InternalizationError, InvalidDocumentError
@@ -339,14 +339,8 @@ class DistillInternalizer:
             NonFiniteLossError: the loss became NaN/inf (``error.adapters``: finished chunks).
             DistillationInterrupted: on KeyboardInterrupt (``error.adapters``: finished chunks).
         """
+        check_chunks(chunks, chunk_ids)
         chunks = list(chunks)
-        for i, chunk in enumerate(chunks):
-            if not isinstance(chunk, str) or not chunk.strip():
-                msg = f"Chunk {i} is {'empty' if isinstance(chunk, str) else type(chunk).__name__}: pass non-empty text."
-                raise InvalidDocumentError(msg)
-        if chunk_ids is not None and len(chunk_ids) != len(chunks):
-            msg = f"chunk_ids has {len(chunk_ids)} ids for {len(chunks)} chunks; pass one id per chunk or None."
-            raise ConfigError(msg)
         module_paths = self._module_paths(base)
         results: list[DistillResult] = []
         step = self.config.chunks_per_batch

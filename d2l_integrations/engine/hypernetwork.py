@@ -34,6 +34,7 @@ from torch import nn
 
 from d2l_integrations.engine.apply import use_adapters
 from d2l_integrations.engine.config import HypernetworkConfig
+from d2l_integrations.engine.internalizer import check_chunks
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 from d2l_integrations.errors import (
     ConfigError,
@@ -536,7 +537,7 @@ class HypernetworkInternalizer:
         progress: Callable[[int, int], None] | None = None,
     ) -> list[LoRAAdapter]:
         """One adapter per chunk; ``adapters[i].provenance.source_sha256 == (sha256(chunks[i]),)``."""
-        _check_chunks(chunks, chunk_ids)
+        check_chunks(chunks, chunk_ids)
         check_base_shapes(self.config, base)
         token_ids = [self.tokenize_chunk(base, c) for c in chunks]
         _check_lengths(token_ids, base.context_window)
@@ -620,19 +621,6 @@ def _chat_turn_ids(tokenizer: Any, chunk: str) -> list[int]:
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": chunk.strip()}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _check_chunks(chunks: Sequence[str], chunk_ids: Sequence[str] | None) -> None:
-    if isinstance(chunks, str):
-        msg = "internalize_chunks takes a sequence of chunk strings, got a single str. Wrap it in a list."
-        raise InvalidDocumentError(msg)
-    for index, chunk in enumerate(chunks):
-        if not isinstance(chunk, str) or not chunk.strip():
-            msg = f"Chunk {index} is {'empty or whitespace only' if isinstance(chunk, str) else type(chunk).__name__}; pass non-empty text."
-            raise InvalidDocumentError(msg)
-    if chunk_ids is not None and len(chunk_ids) != len(chunks):
-        msg = f"Got {len(chunk_ids)} chunk_ids for {len(chunks)} chunks; pass one id per chunk or none."
-        raise ValueError(msg)
 
 
 def _check_lengths(token_ids: list[list[int]], context_window: int) -> None:

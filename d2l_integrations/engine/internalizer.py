@@ -51,4 +51,26 @@ class Internalizer(Protocol):
         ...
 
 
-__all__ = ["Internalizer", "ProgressCallback"]
+def check_chunks(chunks: Sequence[str], chunk_ids: Sequence[str] | None) -> None:
+    """Validate ``internalize_chunks`` arguments the same way for every internalizer.
+
+    Raises:
+        InvalidDocumentError: a single str instead of a sequence, or an empty / non-text chunk.
+        ConfigError: ``chunk_ids`` does not have one id per chunk.
+    """
+    from d2l_integrations.errors import ConfigError, InvalidDocumentError
+
+    if isinstance(chunks, str):
+        msg = "internalize_chunks takes a sequence of chunk strings, got a single str. Wrap it in a list."
+        raise InvalidDocumentError(msg)
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, str) or not chunk.strip():
+            kind = "empty or whitespace only" if isinstance(chunk, str) else type(chunk).__name__
+            msg = f"Chunk {index} is {kind}; pass non-empty text."
+            raise InvalidDocumentError(msg)
+    if chunk_ids is not None and len(chunk_ids) != len(chunks):
+        msg = f"Got {len(chunk_ids)} chunk_ids for {len(chunks)} chunks; pass one id per chunk or none."
+        raise ConfigError(msg)
+
+
+__all__ = ["Internalizer", "ProgressCallback", "check_chunks"]
