@@ -74,6 +74,11 @@ class HypernetworkConfig:
             default); must equal the system prompt the hypernetwork was trained with.
         base_model: name of the base model this hypernetwork reads and writes for.
         base_model_revision: sha256 of the base weights (or hub revision) when known.
+        scaler_b_init: initial value of the per-layer, per-rank scalers of the generated B. The
+            published design starts them at 0 (an untrained network leaves the base unchanged),
+            but then the document path never opens in training: it collapses to a
+            document-independent adapter (benchmarks/results/training_log.md, rung 2). 1.0 trains.
+            Loaded checkpoints overwrite the scalers, so this matters only for new networks.
     """
 
     num_layers: int
@@ -98,6 +103,7 @@ class HypernetworkConfig:
     chat_system_prompt: str | None = None  # the trainer's system prompt, so features match training
     base_model: str = DEFAULT_BASE_MODEL
     base_model_revision: str | None = None
+    scaler_b_init: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "rank", "latent_size", "num_latents", "num_blocks", "num_heads", "num_kv_heads", "head_dim", "num_pre_head_layers"):

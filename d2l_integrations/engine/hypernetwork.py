@@ -333,9 +333,10 @@ class Hypernetwork(nn.Module):
         self.perceiver = Perceiver(config)
         self.layers = nn.Sequential(*(ResMLPBlockPerLayer(config) for _ in range(config.num_pre_head_layers)))
         self.head = PerLayerHead(L, len(self.module_dims), D, self.d_lora, rank=r)
-        # generated B starts at zero (scaler_B = 0), so an untrained network leaves the base unchanged
+        # the published design starts scaler_B at 0 (an untrained network leaves the base unchanged), which
+        # stalls training (config.scaler_b_init); loaded checkpoints overwrite it
         self.scaler_A = nn.ParameterDict({m: nn.Parameter(torch.ones(1, L, r, 1)) for m in self.module_dims})
-        self.scaler_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, L, r, 1)) for m in self.module_dims})
+        self.scaler_B = nn.ParameterDict({m: nn.Parameter(torch.full((1, L, r, 1), float(config.scaler_b_init))) for m in self.module_dims})
         if config.use_bias_lora:
             self.bias_A = nn.ParameterDict(
                 {m: nn.Parameter(torch.randn(L, r, d_in) * (0.2 / math.sqrt(d_in * r))) for m, (d_in, _) in self.module_dims.items()}

@@ -87,6 +87,8 @@ class TrainingConfig:
         log_every, eval_every, save_every: in steps.
         eval_size: held-out examples per task for the periodic (teacher-forced) eval.
         system_prompt: None keeps the chat template's default.
+        teacher_max_new_tokens: length limit of the teacher's own answers (examples with
+            ``teacher_response``); they are generated once per (document, question) and cached.
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -109,6 +111,7 @@ class TrainingConfig:
     save_every: int = 250
     eval_size: int = 64
     system_prompt: str | None = None
+    teacher_max_new_tokens: int = 40
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
@@ -169,6 +172,24 @@ def lora_forward(model: nn.Module, module_paths: Mapping[tuple[str, int], str], 
             h.remove()
 
 
+def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
+    """Row ``i`` of the result = rows ``groups[i]`` of ``factors`` concatenated on the rank axis
+    (the sum of their deltas), zero-padded to the largest group's rank."""
+    out: Factors = {}
+    width = max(map(len, groups))
+    for m, (a, b) in factors.items():
+        rows_a, rows_b = [], []
+        for g in groups:
+            ga, gb = a[list(g)], b[list(g)]  # [k, L, r, d]
+            k, L, r = ga.shape[0], ga.shape[1], ga.shape[2]
+            ga = ga.permute(1, 0, 2, 3).reshape(L, k * r, -1)
+            gb = gb.permute(1, 0, 2, 3).reshape(L, k * r, -1)
+            rows_a.append(F.pad(ga, (0, 0, 0, (width - k) * r)))
+            rows_b.append(F.pad(gb, (0, 0, 0, (width - k) * r)))
+        out[m] = (torch.stack(rows_a), torch.stack(rows_b))
+    return out
+
+
 def _roll(factors: Factors, shift: int = 1) -> Factors:
     """Row i gets row i+shift's factors: the mismatched-document control."""
     return {m: (a.roll(shift, 0), b.roll(shift, 0)) for m, (a, b) in factors.items()}
@@ -225,6 +246,12 @@ class Tokenizer:
         head, tail = text.split(marker)
         prefix = self._ids(head + doc)
         return prefix + self._ids(tail), len(prefix)
+
+    def doc_prefix(self, doc: str) -> list[int]:
+        """Ids of the teacher prompt's prefix through ``doc`` alone: the encoder input of one chunk."""
+        marker = "\x00DOC\x00"
+        head = self._render(marker + "\n\n").split(marker)[0]
+        return self._ids(head + self.truncate_doc(doc))
 
     def student_prompt(self, question: str) -> list[int]:
         if question not in self._cache:
@@ -330,6 +357,7 @@ class DistillationTrainer:
         self.elapsed_s = 0.0
         self.tokens_seen = 0
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
+        self._teacher_answers: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------------------ passes
     def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, *, hidden: bool = False) -> tuple[torch.Tensor, Any]:
@@ -356,6 +384,69 @@ class DistillationTrainer:
     def generate_factors(self, feats: torch.Tensor, mask: torch.Tensor) -> Factors:
         with self.autocast:
             return self.hypernet(feats, mask)
+
+    def chunk_features(self, chunks: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features of each chunk read on its own (as inference reads one chunk)."""
+        rows = [self.tokens.doc_prefix(c) for c in chunks]
+        width = self.tokens._pad_to(max(map(len, rows)))
+        ids = torch.full((len(rows), width), self.tokens.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        with torch.no_grad():
+            hs = self.model.model(input_ids=ids.to(self.device), output_hidden_states=True, use_cache=False).hidden_states
+            feats = self._default_features(hs)
+        return feats, torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+
+    def document_factors(self, batch: Batch, feats: torch.Tensor, mask: torch.Tensor) -> Factors:
+        """One adapter per example: from the teacher's features, or the sum of its chunks' adapters.
+
+        A multi-chunk example gets one generated adapter per chunk, concatenated on the rank axis
+        (the sum of their deltas, as ``compose_adapters`` does at inference); rows are zero-padded
+        to the largest rank in the batch.
+        """
+        exs = batch.examples
+        if not any(e.chunks for e in exs):
+            return self.generate_factors(feats, mask)
+        chunk_texts = [c for e in exs for c in e.chunks]
+        c_feats, c_mask = self.chunk_features(chunk_texts)
+        width = max(feats.shape[2], c_feats.shape[2])
+        pad = lambda f, m: (F.pad(f, (0, 0, 0, width - f.shape[2])), F.pad(m, (0, width - m.shape[1])))  # noqa: E731
+        (feats, mask), (c_feats, c_mask) = pad(feats, mask), pad(c_feats, c_mask)
+        rows, groups, offset = [], [], len(exs)
+        for i, e in enumerate(exs):
+            if e.chunks:
+                groups.append(list(range(len(rows), len(rows) + len(e.chunks))))
+                rows.extend(range(offset, offset + len(e.chunks)))
+                offset += len(e.chunks)
+            else:
+                groups.append([len(rows)])
+                rows.append(i)
+        idx = torch.tensor(rows, device=self.device)
+        factors = self.generate_factors(torch.cat([feats, c_feats])[idx], torch.cat([mask, c_mask])[idx])
+        return compose_rows(factors, groups)
+
+    def fill_teacher_responses(self, examples: Sequence[Example]) -> list[Example]:
+        """Examples with ``teacher_response`` get the teacher's greedy answer (cached per document and question).
+
+        ``key`` becomes the first gold answer found in that response (case-insensitive), else "".
+        """
+        key_of = lambda e: (e.teacher_doc or e.doc, e.question)  # noqa: E731
+        need = list({key_of(e): e for e in examples if e.teacher_response and not e.response and key_of(e) not in self._teacher_answers})
+        for i in range(0, len(need), 64):
+            part = need[i:i + 64]
+            prompts = [self.tokens.teacher_prompt(self.tokens.truncate_doc(doc), q)[0] for doc, q in part]
+            for k, text in zip(part, _generate(self, prompts, None, False, self.config.teacher_max_new_tokens), strict=True):
+                self._teacher_answers[k] = text.strip()
+        out = []
+        for e in examples:
+            if e.teacher_response and not e.response:
+                resp = self._teacher_answers[key_of(e)]
+                low = resp.lower()
+                key = next((resp[low.index(a.lower()):low.index(a.lower()) + len(a)] for a in e.answers if a and a.lower() in low), "")
+                e = dataclasses.replace(e, response=resp, key=key)
+            out.append(e)
+        return out
 
     def bias(self) -> Factors | None:
         fn = getattr(self.hypernet, "bias_factors", None)
@@ -394,7 +485,7 @@ class DistillationTrainer:
     def train_step(self) -> dict[str, float]:
         c = self.config
         self.hypernet.train()
-        rows = self.train_data.batch(self.step, c.batch_size)
+        rows = self.fill_teacher_responses(self.train_data.batch(self.step, c.batch_size))
         kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
         self.skipped_rows += len(rows) - len(kept)
         if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
@@ -402,7 +493,7 @@ class DistillationTrainer:
             return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
         batch = self.tokens.batch(kept, self.device)
         t_logits, feats, mask = self.teacher(batch)
-        factors = self.generate_factors(feats, mask)
+        factors = self.document_factors(batch, feats, mask)
         s_logits = self.student(batch, factors)
         parts = self.losses(t_logits, s_logits, batch)
         loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
@@ -427,12 +518,13 @@ class DistillationTrainer:
         out: dict[str, dict[str, float]] = {}
         for task, exs in self.eval_sets.items():
             agg: dict[str, list[float]] = {}
+            exs = [e for e in self.fill_teacher_responses(exs) if e.response.strip()]
             for i in range(0, len(exs), batch_size):
                 batch = self.tokens.batch(exs[i:i + batch_size], self.device)
                 if len(batch.examples) < 2:
                     continue
                 t_logits, feats, mask = self.teacher(batch)
-                factors = self.generate_factors(feats, mask)
+                factors = self.document_factors(batch, feats, mask)
                 for cond, fac, bias in (("matched", factors, True), ("mismatched", _roll(factors), True), ("bias_only", None, True), ("none", None, False)):
                     parts = self.losses(t_logits, self.student(batch, fac, bias=bias), batch)
                     for k, v in parts.items():
@@ -530,14 +622,17 @@ class _nullcontext:
 # ------------------------------------------------------------------------------ greedy eval
 @torch.no_grad()
 def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, batch_size: int = 32, max_new_tokens: int = 16,
-                conditions: Sequence[str] = ("no_context", "full_context", "d2l", "mismatched", "bias_only")) -> dict[str, Any]:
+                conditions: Sequence[str] = ("no_context", "full_context", "d2l", "mismatched", "bias_only"),
+                scorer: Callable[[str, Sequence[str]], float] | None = None) -> dict[str, Any]:
     """The diagnostic table: contains-accuracy of greedy answers per condition.
 
     ``mismatched`` uses the adapter of the next document in the list (another haystack/person).
     Also reports, for ``mismatched``, how often the *other* document's answer comes out (leak).
+    ``scorer(prediction, answers)`` (e.g. SQuAD token F1) adds a ``score`` table (mean x 100).
     """
     tok = trainer.tokens
     trainer.hypernet.eval()
+    scores: dict[str, list[float]] = {c: [] for c in conditions}
     hits: dict[str, list[bool]] = {c: [] for c in conditions}
     leak: list[bool] = []
     samples: dict[str, list[str]] = {c: [] for c in conditions}
@@ -546,9 +641,9 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
         exs = examples[i:i + batch_size]
         if len(exs) < 2:
             break
-        batch = tok.batch(exs, trainer.device)
+        batch = tok.batch([e if e.response else dataclasses.replace(e, response=" ") for e in exs], trainer.device)
         _, feats, mask = trainer.teacher(batch)
-        factors = trainer.generate_factors(feats, mask)
+        factors = trainer.document_factors(batch, feats, mask)
         for cond in conditions:
             if cond == "full_context":
                 prompts = [tok.teacher_prompt(tok.truncate_doc(e.doc), e.question)[0] for e in exs]
@@ -560,6 +655,8 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
             texts = _generate(trainer, prompts, fac, bias, max_new_tokens)
             for j, (e, t) in enumerate(zip(exs, texts, strict=True)):
                 hits[cond].append(any(a.lower() in t.lower() for a in e.answers))
+                if scorer is not None:
+                    scores[cond].append(float(scorer(t, e.answers)))
                 if cond == "mismatched":
                     other = exs[(j + 1) % len(exs)]
                     leak.append(any(a.lower() in t.lower() for a in other.answers) and other.answers != e.answers)
@@ -567,7 +664,10 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
                     samples[cond].append(t)
     table = {c: 100.0 * float(np.mean(v)) for c, v in hits.items()}
     table["mismatched_leak"] = 100.0 * float(np.mean(leak)) if leak else 0.0
-    return {"accuracy": table, "n": len(hits[conditions[0]]), "samples": samples}
+    result = {"accuracy": table, "n": len(hits[conditions[0]]), "samples": samples}
+    if scorer is not None:
+        result["score"] = {c: 100.0 * float(np.mean(v)) for c, v in scores.items()}
+    return result
 
 
 def _generate(trainer: DistillationTrainer, prompts: Sequence[list[int]], factors: Factors | None, bias: bool, max_new_tokens: int) -> list[str]:

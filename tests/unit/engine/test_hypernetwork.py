@@ -166,8 +166,8 @@ def test_cross_attention_groups_query_heads_like_sdpa() -> None:
         torch.testing.assert_close(attention(latents, context, mask), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_untrained_network_leaves_the_base_unchanged(base: BaseModel) -> None:
-    fresh = Hypernetwork(tiny_config()).eval()
+def test_untrained_network_with_the_published_init_leaves_the_base_unchanged(base: BaseModel) -> None:
+    fresh = Hypernetwork(tiny_config(scaler_b_init=0.0)).eval()
     ids, mask = padded(ROWS[:1])
     with torch.inference_mode():
         adapter = fresh.to_adapters(fresh(encode_context(base, ids, mask), mask), base, AdapterProvenance(base_model="tiny"))[0]
@@ -175,6 +175,17 @@ def test_untrained_network_leaves_the_base_unchanged(base: BaseModel) -> None:
         assert not adapter.delta_weight(name).any()
     lora_A = adapter.weights[base.module_path(0, "down_proj")].lora_A
     assert torch.linalg.matrix_rank(lora_A) == 2  # distinct latent queries: the ranks are not copies
+
+
+def test_default_init_opens_the_document_path(base: BaseModel) -> None:
+    fresh = Hypernetwork(tiny_config()).eval()  # scaler_b_init = 1.0: generated B is not zero, so gradients reach it
+    assert all(bool((p == 1.0).all()) for p in fresh.scaler_B.values())
+    ids, mask = padded(ROWS[:2])
+    with torch.inference_mode():
+        adapters = fresh.to_adapters(fresh(encode_context(base, ids, mask), mask), base, AdapterProvenance(base_model="tiny"))
+    name = adapters[0].module_names[0]
+    assert adapters[0].delta_weight(name).abs().sum() > 0
+    assert not torch.allclose(adapters[0].delta_weight(name), adapters[1].delta_weight(name))  # depends on the document
 
 
 def test_to_adapters_layout(net: Hypernetwork, base: BaseModel) -> None:

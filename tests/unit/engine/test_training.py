@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -199,3 +200,108 @@ def test_empty_rows_are_skipped_and_counted(tiny_base):
     trainer.train_data = Mix()
     rec = trainer.train_step()
     assert np.isfinite(rec["loss"]) and trainer.skipped_rows == 1
+
+
+def test_multi_chunk_adapter_is_the_sum_of_the_chunk_adapters(tiny_base):
+    """A chunked example's student LoRA = the chunks' generated adapters concatenated on the rank axis."""
+    from d2l_integrations.engine.training import compose_rows
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base).eval(), config())
+    chunks = ("The special magic number is 4729.", "The grass is green.", "The sky is blue.")
+    multi = Example(" ".join(chunks[:2]), "What is it?", "It is 4729.", "4729", ("4729",), "needle/2", chunks=chunks)
+    single = Example("The sun is yellow.", "What is it?", "Yellow.", "", ("yellow",), "facts")
+    batch = trainer.tokens.batch([multi, single], trainer.device)
+    _, feats, mask = trainer.teacher(batch)
+    with torch.no_grad():
+        got = trainer.document_factors(batch, feats, mask)
+        c_feats, c_mask = trainer.chunk_features(chunks)
+        per_chunk = trainer.generate_factors(c_feats, c_mask)
+        whole = trainer.generate_factors(feats, mask)
+    A, B = got["down_proj"]
+    r = trainer.hypernet.config.rank
+    assert A.shape[2] == 3 * r  # the batch is padded to the largest composition
+    for j in range(3):
+        assert torch.allclose(A[0, :, j * r:(j + 1) * r], per_chunk["down_proj"][0][j], atol=1e-5)
+        assert torch.allclose(B[0, :, j * r:(j + 1) * r], per_chunk["down_proj"][1][j], atol=1e-5)
+    assert torch.allclose(A[1, :, :r], whole["down_proj"][0][1], atol=1e-5)  # single-chunk rows reuse the teacher's features
+    assert not B[1, :, r:].any()  # zero padding adds nothing
+    # the features of a chunk read alone are those of a one-chunk document
+    solo = trainer.tokens.batch([Example(chunks[0], "q", "a", "", (), "t")], trainer.device)
+    _, s_feats, s_mask = trainer.teacher(solo)
+    n = int(s_mask.sum())
+    assert torch.allclose(c_feats[0, :, :n], s_feats[0, :, :n], atol=1e-4)
+    # groups compose in order and pad
+    comp = compose_rows({"m": (torch.arange(3.0).view(3, 1, 1, 1), torch.ones(3, 1, 1, 1))}, [[2, 0], [1]])
+    assert comp["m"][0][:, 0, :, 0].tolist() == [[2.0, 0.0], [1.0, 0.0]]
+    assert comp["m"][1][:, 0, :, 0].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+
+
+def test_chunked_examples_train_and_evaluate(tiny_base):
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("facts_varied/1-3+d1", 1.0), ("needle_line/2", 1.0)),
+                                                                               max_doc_tokens=96))
+    before = {k: v.clone() for k, v in trainer.hypernet.state_dict().items()}
+    rec = trainer.train_step()
+    assert np.isfinite(rec["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in trainer.hypernet.state_dict().items())
+    table = greedy_eval(trainer, trainer.eval_sets["facts_varied/1-3+d1"], batch_size=4, max_new_tokens=2,
+                        scorer=lambda pred, answers: float(any(a in pred for a in answers)))
+    assert table["n"] == 4 and set(table["score"]) >= {"d2l", "mismatched"}
+
+
+def test_teacher_responses_are_generated_once_and_keyed_on_the_gold_answer(tiny_base):
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    ex = Example("Paris is the capital of France.", "What is the capital of France?", "", "", ("zzz-not-there",), "squad",
+                 teacher_response=True)
+    (filled,) = trainer.fill_teacher_responses([ex])
+    assert filled.response and filled.key == ""  # a gold answer absent from the teacher's answer gives no key tokens
+    trainer._teacher_answers[(ex.doc, ex.question)] = "It is Paris, of course."  # teacher_doc unset: keyed on doc
+    (again,) = trainer.fill_teacher_responses([dataclasses.replace(ex, answers=("paris",))])
+    assert again.response == "It is Paris, of course." and again.key == "Paris"  # cached, key cut from the response
+
+
+def test_task_names_parse_chunking_and_distractors():
+    from d2l_integrations.engine.training_data import ChunkedTask, make_task, split_chunks
+
+    t = make_task("facts_varied/2-4+d2")
+    assert isinstance(t, ChunkedTask) and (t.lo, t.hi, t.distractors) == (2, 4, 2) and t.name == "facts_varied/2-4+d2"
+    assert make_task("facts/4").name == "facts/4"
+    with pytest.raises(ValueError, match="Cannot parse task"):
+        make_task("facts/x")
+    with pytest.raises(ValueError, match="Unknown task"):
+        make_task("nope")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ex = t.sample(rng)
+        own = [c for c in ex.chunks if c in ex.doc]
+        assert 2 <= len(own) <= 4 and len(ex.chunks) - len(own) <= 2
+        assert ex.key in ex.doc and ex.key in ex.response
+    doc = "One. Two two. Three three three. Four."
+    assert " ".join(split_chunks(doc, 3)) == doc and len(split_chunks(doc, 3)) == 3
+    assert split_chunks(doc, 9) == ("One.", "Two two.", "Three three three.", "Four.")
+
+
+def test_needle_distractors_never_carry_another_number():
+    from d2l_integrations.engine.training_data import make_task
+
+    t = make_task("needle_line/1-3+d2", min_tokens=64, max_tokens=128)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        ex = t.sample(rng)
+        assert sum("magic number is" in c for c in (ex.chunks or (ex.doc,))) == 1
+
+
+def test_squad_split_is_by_article_and_matches_the_recorded_titles():
+    from d2l_integrations.engine.training_data import SQUAD_HELD_OUT_TITLES, SQUAD_TRAIN_TITLES, SquadTask
+
+    try:
+        train, held = SquadTask(split="train", max_paragraphs=3), SquadTask(split="eval")
+    except FileNotFoundError:
+        pytest.skip("SQuAD data not available")
+    train_docs = {p[0] for art in train._articles for p in art}
+    held_docs = {p[0] for art in held._articles for p in art}
+    assert len(train._articles) == len(SQUAD_TRAIN_TITLES) == 15 and len(held._articles) == 15
+    assert not train_docs & held_docs
+    rng = np.random.default_rng(0)
+    ex = train.sample(rng)
+    assert ex.teacher_response and ex.response == "" and ex.answers
+    assert set(SQUAD_HELD_OUT_TITLES).isdisjoint(SQUAD_TRAIN_TITLES)

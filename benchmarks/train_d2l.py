@@ -1,0 +1,131 @@
+"""Continue training a D2L hypernetwork (from a shipped checkpoint) and report the diagnostic table.
+
+One resumable run in ``--work`` (state.pt, log.jsonl; re-running the same command resumes), then
+the greedy diagnostic table per evaluation task (no-context / full-context / D2L / mismatched /
+bias-only, plus SQuAD token F1 where ``--f1-tasks`` says), then optionally the checkpoint in our
+format, its weights split into parts small enough for the device tool to bring back
+(``cat hypernetwork.safetensors.part* > hypernetwork.safetensors``).
+
+Task specs are ``training_data.make_task`` names with weights: ``facts_varied/1-4+d2:2`` is the
+varied-facts task with documents cut into 1-4 chunks whose adapters are summed, plus up to two
+distractor chunks of other documents. Evaluation uses the held-out splits (other essays, other
+SQuAD articles, other WikiText-2 articles, other seeds) and never a training document.
+
+    python -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf \\
+        --init d2l_integrations/checkpoints/smollm2-135m-instruct --work /root/run --out $OUT \\
+        --tasks facts_varied/1-4+d2:2,squad/1-3+d1:2,needle_para/1-4+d1:1 --minutes 8 --export
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.metrics import f1_score
+from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
+from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, _parse_tasks, greedy_eval
+from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task
+
+EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
+PART_BYTES = 15 * 2**20
+
+
+def _max_new_tokens(task: str) -> int:
+    if task.startswith("needle"):
+        return 16
+    if task.startswith(("squad", "facts_bio")):
+        return 40
+    return 24
+
+
+def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict) -> dict:
+    table = {}
+    for t in tasks:
+        t0 = time.time()
+        exs = TaskMix([(make_task(t, split="eval", **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
+        base_name = t.split("/")[0].split("+")[0]
+        res = greedy_eval(trainer, exs, max_new_tokens=_max_new_tokens(t), scorer=f1_score if base_name in f1_tasks else None)
+        res["seconds"] = round(time.time() - t0, 1)
+        table[t] = res
+        print(json.dumps({"eval": t, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
+                          "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()}, "samples": res["samples"]}), flush=True)
+    return table
+
+
+def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table: dict) -> Path:
+    """Save a bf16 copy in our checkpoint format, then split the weights into parts."""
+    small = copy.deepcopy(hyper).to(torch.bfloat16).cpu()
+    folder = save_checkpoint(small, out / "checkpoint", data_summary=data_summary, eval_table=eval_table, overwrite=True)
+    weights = folder / "hypernetwork.safetensors"
+    blob = weights.read_bytes()
+    for i in range(0, len(blob), PART_BYTES):
+        (folder / f"hypernetwork.safetensors.part{i // PART_BYTES}").write_bytes(blob[i:i + PART_BYTES])
+    weights.unlink()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="default")
+    p.add_argument("--gguf", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--init", default=None, help="checkpoint folder to start from when --work has no state")
+    p.add_argument("--work", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
+    p.add_argument("--out", required=True, help="where eval.json (and the exported checkpoint) go")
+    p.add_argument("--tasks", default="facts_varied/1-4+d2:2,squad/1-3+d1:2,needle_para/1-4+d1:1")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (eval and export come after)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--max-steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
+    p.add_argument("--eval-n", type=int, default=128)
+    p.add_argument("--f1-tasks", default="squad,facts_bio,cloze")
+    p.add_argument("--export", action="store_true")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from d2l_integrations.engine.base_model import load_base_model
+
+    base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
+    print(f"base loaded in {time.time() - t_start:.1f}s on {base.device}", flush=True)
+    hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
+    for prm in hyper.parameters():
+        prm.requires_grad_(True)
+    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3}
+    tasks = _parse_tasks(args.tasks)
+    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.work)
+    resumed = trainer.maybe_resume()
+    print(f"{'resumed at step ' + str(trainer.step) if resumed else 'fresh run from ' + str(args.init)}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.minutes > 0:
+        res = trainer.train(deadline=time.time() + 60 * args.minutes, on_log=lambda d: print(json.dumps(d), flush=True))
+        print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen}), flush=True)
+    table = {}
+    if args.eval:
+        table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
+                         task_kwargs=task_kwargs)
+        (out / "eval.json").write_text(json.dumps(table, indent=1))
+    if args.export:
+        summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                   "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size,
+                   "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
+        compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
+        folder = export(hyper, out, data_summary=summary, eval_table=compact)
+        print(f"exported {folder}", flush=True)
+    if (Path(args.work) / "log.jsonl").is_file():
+        (out / "log.jsonl").write_bytes((Path(args.work) / "log.jsonl").read_bytes())
+    print(f"total {time.time() - t_start:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
