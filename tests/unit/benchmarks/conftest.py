@@ -1,4 +1,4 @@
-"""Fakes for harness tests: a deterministic internalizer and a bag-of-words embedder (no model download, no MiniLM)."""
+"""Fakes for harness tests: the tiny seeded engine (tests/tiny_models.py) and a bag-of-words embedder (no MiniLM)."""
 
 from __future__ import annotations
 
@@ -9,34 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2l_integrations.engine.engine import D2LEngine
-from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
-
-
-class SeededInternalizer:
-    """One small random adapter per chunk, a function of the chunk's text."""
-
-    name = "hypernetwork"
-    checkpoint_id = "seeded-test"
-    prefer_over_distill = True
-
-    def internalize_chunks(self, base, chunks, *, chunk_ids=None, progress=None):
-        out = []
-        for i, chunk in enumerate(chunks):
-            sha = hashlib.sha256(chunk.encode()).hexdigest()
-            g = torch.Generator().manual_seed(int(sha[:8], 16))
-            weights = {}
-            for layer in range(base.num_layers):
-                path = base.module_path(layer, "down_proj")
-                lin = base.model.get_submodule(path)
-                weights[path] = LoRAWeights(torch.randn(2, lin.in_features, generator=g) * 0.1,
-                                            torch.randn(lin.out_features, 2, generator=g) * 0.1, 1.0)
-            prov = AdapterProvenance(base_model=base.name, checkpoint_id=self.checkpoint_id, source_sha256=(sha,),
-                                     chunk_ids=(chunk_ids[i],) if chunk_ids else ())
-            out.append(LoRAAdapter(weights, prov))
-            if progress:
-                progress(i + 1, len(chunks))
-        return out
+from tests import tiny_models
 
 
 def bag_of_words(texts):
@@ -52,7 +25,7 @@ def bag_of_words(texts):
 
 @pytest.fixture()
 def tiny_engine(tiny_base):
-    return D2LEngine(tiny_base, SeededInternalizer())
+    return tiny_models.tiny_engine(base=tiny_base)
 
 
 @pytest.fixture()

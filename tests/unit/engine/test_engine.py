@@ -18,6 +18,7 @@ from d2l_integrations.errors import (
     InvalidDocumentError,
     InvalidMessagesError,
 )
+from tests.tiny_models import SeededInternalizer
 
 USER = [{"role": "user", "content": "What is the special magic number?"}]
 OTHER = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who founded Zorblax?"}]
@@ -35,29 +36,6 @@ def random_adapter(base, seed: int, *, rank: int = 4, scale: float = 0.5, name: 
             2.0,
         )
     return LoRAAdapter(weights, AdapterProvenance(base_model=name or base.name, method="external"))
-
-
-class SeededInternalizer:
-    """A deterministic internalizer for engine bookkeeping tests: the adapter is a function of the chunk text."""
-
-    name = "hypernetwork"
-    checkpoint_id = "seeded-test"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def internalize_chunks(self, base, chunks, *, chunk_ids=None, progress=None):
-        out = []
-        for i, chunk in enumerate(chunks):
-            self.seen.append(chunk)
-            sha = hashlib.sha256(chunk.encode()).hexdigest()
-            a = random_adapter(base, int(sha[:8], 16))
-            prov = AdapterProvenance(base_model=base.name, checkpoint_id=self.checkpoint_id, source_sha256=(sha,),
-                                     chunk_ids=(chunk_ids[i],) if chunk_ids else ())
-            out.append(LoRAAdapter(a.weights, prov))
-            if progress:
-                progress(i + 1, len(chunks))
-        return out
 
 
 @pytest.fixture()
@@ -123,7 +101,7 @@ def test_internalize_composes_and_reset_forgets(engine):
     doc = "The special magic number is 4821. " * 40
     adapter = engine.internalize(doc, method="hypernetwork", chunk_tokens=64)
     chunks = engine.chunk(doc, chunk_tokens=64)
-    assert len(chunks) > 1 and internalizer.seen == chunks
+    assert len(chunks) > 1 and internalizer.calls == [hashlib.sha256(c.encode()).hexdigest() for c in chunks]
     assert adapter.num_chunks == len(chunks)
     assert adapter.rank == 4 * len(chunks)
     assert engine.active_adapter is adapter

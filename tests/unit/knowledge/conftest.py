@@ -1,4 +1,4 @@
-"""Fixtures of the knowledge-store tests: a seeded engine double, a shared embedding model, files."""
+"""Fixtures of the knowledge-store tests: the tiny seeded engine (tests/tiny_models.py), a shared embedding model."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.knowledge import KnowledgeBase, MiniLMEmbeddingFunction
-from tests.unit.knowledge.engine_double import SeededEngine
+from tests.tiny_models import tiny_engine
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_base) -> SeededEngine:  # noqa: ANN001
-    return SeededEngine(base=tiny_base)
+def engine(tiny_base) -> D2LEngine:  # noqa: ANN001
+    return tiny_engine(base=tiny_base)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +29,7 @@ def embedding_function() -> MiniLMEmbeddingFunction:
 
 
 @pytest.fixture
-def make_kb(tmp_path: Path, engine: SeededEngine, embedding_function: MiniLMEmbeddingFunction) -> Iterator[Callable[..., KnowledgeBase]]:
+def make_kb(tmp_path: Path, engine: D2LEngine, embedding_function: MiniLMEmbeddingFunction) -> Iterator[Callable[..., KnowledgeBase]]:
     opened: list[KnowledgeBase] = []
 
     def factory(path: Path | None = None, eng: object = "default", **kwargs: object) -> KnowledgeBase:

@@ -84,17 +84,17 @@ def main(argv: list[str]) -> int:
         return 0
 
     from d2l_integrations.knowledge import KnowledgeBase
-    from tests.unit.knowledge.engine_double import SeededEngine
+    from tests.tiny_models import make_tiny_base, tiny_engine
 
     if args.cmd == "add":
-        engine = SeededEngine(delay_s=args.delay)
+        engine = tiny_engine(base=make_tiny_base(), delay_s=args.delay)
         kb = KnowledgeBase(args.store, engine, chunk_tokens=64, overlap_tokens=8, batch_size=args.batch_size)
         ids = []
         for f in args.files:
             ids += kb.add(Path(f), progress=False)
             print(json.dumps({"added": ids[-1]}), flush=True)
     else:
-        engine = SeededEngine(delay_s=0.05)
+        engine = tiny_engine(base=make_tiny_base(), delay_s=0.05)
         kb = KnowledgeBase(args.store, engine, chunk_tokens=64, overlap_tokens=8)
         if args.barrier:  # start adding at the same moment as the other worker(s)
             barrier = Path(args.barrier)

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.errors import AdapterNotFoundError
 from d2l_integrations.knowledge.adapter_store import AdapterStore, internalizer_key
-from tests.unit.knowledge.engine_double import SeededEngine
 
 
-def _adapter(engine: SeededEngine, text: str):  # noqa: ANN202
+def _adapter(engine: D2LEngine, text: str):  # noqa: ANN202
     return engine.internalize_chunks([text])[0]
 
 
-def test_round_trip_is_exact(tmp_path: Path, engine: SeededEngine) -> None:
+def test_round_trip_is_exact(tmp_path: Path, engine: D2LEngine) -> None:
     store = AdapterStore(tmp_path, checkpoint_id="ckpt/v1")
     text = "The Zorblax Institute was founded in 1873."
     sha = hashlib.sha256(text.encode()).hexdigest()
@@ -34,7 +34,7 @@ def test_round_trip_is_exact(tmp_path: Path, engine: SeededEngine) -> None:
         store.load(sha)
 
 
-def test_checkpoint_id_partitions_the_store(tmp_path: Path, engine: SeededEngine) -> None:
+def test_checkpoint_id_partitions_the_store(tmp_path: Path, engine: D2LEngine) -> None:
     sha = "a" * 64
     v1 = AdapterStore(tmp_path, checkpoint_id="ckpt/v1")
     v2 = AdapterStore(tmp_path, checkpoint_id="ckpt/v2")
@@ -44,7 +44,7 @@ def test_checkpoint_id_partitions_the_store(tmp_path: Path, engine: SeededEngine
     assert v2.other_keys() == [v1.folder]
 
 
-def test_second_writer_keeps_the_first_copy(tmp_path: Path, engine: SeededEngine) -> None:
+def test_second_writer_keeps_the_first_copy(tmp_path: Path, engine: D2LEngine) -> None:
     store = AdapterStore(tmp_path, checkpoint_id="c")
     sha = "b" * 64
     first, second = _adapter(engine, "first"), _adapter(engine, "second")

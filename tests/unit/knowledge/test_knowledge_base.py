@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2l_integrations.engine.engine import D2LEngine
 from d2l_integrations.engine.lora import compose_adapters
 from d2l_integrations.errors import (
     AdapterNotFoundError,
@@ -17,7 +18,7 @@ from d2l_integrations.errors import (
     KnowledgeBaseMismatchError,
 )
 from d2l_integrations.knowledge import KnowledgeBase, RetrievedChunk
-from tests.unit.knowledge.engine_double import SeededEngine
+from tests.tiny_models import tiny_engine
 from tests.unit.knowledge.files import FACT, WRITERS
 from tests.unit.knowledge.kb_worker import fact
 
@@ -35,7 +36,7 @@ def _consistent(kb: KnowledgeBase) -> None:
     assert not list(kb.adapter_store.temp_entries())
 
 
-def test_add_search_adapters_delete(make_kb, engine: SeededEngine, tmp_path: Path) -> None:  # noqa: ANN001
+def test_add_search_adapters_delete(make_kb, engine: D2LEngine, tmp_path: Path) -> None:  # noqa: ANN001
     kb = make_kb()
     files = [WRITERS[s](tmp_path / f"doc{s}") for s in (".md", ".pdf")]
     ids = kb.add(files, metadata={"team": "ops"})
@@ -74,33 +75,33 @@ def test_add_search_adapters_delete(make_kb, engine: SeededEngine, tmp_path: Pat
     _consistent(kb)
 
 
-def test_readd_unchanged_and_duplicates_do_not_reinternalize(make_kb, engine: SeededEngine) -> None:  # noqa: ANN001
+def test_readd_unchanged_and_duplicates_do_not_reinternalize(make_kb, engine: D2LEngine) -> None:  # noqa: ANN001
     kb = make_kb()
     text = "\n\n".join(fact("dup", i) for i in range(6))
     kb.add(text, doc_id="a")
-    calls = len(engine.calls)
+    calls = len(engine.hypernetwork.calls)
     assert kb.add(text, doc_id="a") == ["a"]
-    assert kb.last_add_stats.skipped == 1 and len(engine.calls) == calls
+    assert kb.last_add_stats.skipped == 1 and len(engine.hypernetwork.calls) == calls
     kb.add(text, doc_id="b")  # same content, another id: adapters are shared
-    assert len(engine.calls) == calls and kb.last_add_stats.internalized == 0
+    assert len(engine.hypernetwork.calls) == calls and kb.last_add_stats.internalized == 0
     kb.delete("a")  # b still uses the shared adapters
     assert kb.adapters_for(kb.chunks("b")).num_chunks == kb.get("b").num_chunks
     _consistent(kb)
 
 
-def test_changed_file_replaces_old_version(make_kb, engine: SeededEngine, tmp_path: Path) -> None:  # noqa: ANN001
+def test_changed_file_replaces_old_version(make_kb, engine: D2LEngine, tmp_path: Path) -> None:  # noqa: ANN001
     kb = make_kb()
     path = tmp_path / "notes.txt"
     keep = "\n\n".join(fact("keep", i) for i in range(4))
     path.write_text(keep + "\n\nThe password of the vault is swordfish.")
     doc = kb.add(path)[0]
     old_chunks = {c.chunk_id for c in kb.chunks(doc)}
-    calls = len(engine.calls)
+    calls = len(engine.hypernetwork.calls)
     path.write_text(keep + "\n\nThe password of the vault is marlin.")
     assert kb.add(path) == [doc]
     new_chunks = kb.chunks(doc)
     assert not old_chunks & {c.chunk_id for c in new_chunks}
-    assert len(engine.calls) - calls < len(new_chunks)  # unchanged chunks kept their adapters
+    assert len(engine.hypernetwork.calls) - calls < len(new_chunks)  # unchanged chunks kept their adapters
     texts = " ".join(h.text for h in kb.search("vault password", k=10))
     assert "marlin" in texts and "swordfish" not in texts
     kb.update(doc, "Replaced entirely by a short note about otters.")
@@ -127,17 +128,17 @@ def test_bad_input_keeps_the_store(make_kb, tmp_path: Path) -> None:  # noqa: AN
     _consistent(kb)
 
 
-def test_lazy_internalizes_on_first_use(make_kb, engine: SeededEngine) -> None:  # noqa: ANN001
+def test_lazy_internalizes_on_first_use(make_kb, engine: D2LEngine) -> None:  # noqa: ANN001
     kb = make_kb(lazy=True)
-    calls = len(engine.calls)
+    calls = len(engine.hypernetwork.calls)
     kb.add("\n\n".join(fact("lazy", i) for i in range(5)), doc_id="lazy")
-    assert len(engine.calls) == calls and not kb.adapter_store.shas()
+    assert len(engine.hypernetwork.calls) == calls and not kb.adapter_store.shas()
     hits = kb.search("Who keeps sector lazy3?", k=1)
     adapter = kb.adapters_for(hits)
-    assert len(engine.calls) == calls + 1 and kb.adapter_store.shas() == {hits[0].metadata["sha256"]}
+    assert len(engine.hypernetwork.calls) == calls + 1 and kb.adapter_store.shas() == {hits[0].metadata["sha256"]}
     assert adapter.provenance.checkpoint_id == "seeded-test-v1"
     kb.adapters_for(hits)
-    assert len(engine.calls) == calls + 1  # stored, not recomputed
+    assert len(engine.hypernetwork.calls) == calls + 1  # stored, not recomputed
     _consistent(kb)
 
 
@@ -146,10 +147,10 @@ def test_manifest_refuses_another_engine(make_kb, tmp_path: Path, tiny_base) -> 
     kb.add(FACT, doc_id="fact")
     old_key = kb.adapter_store.key
     kb.close()
-    other = SeededEngine(base=tiny_base, checkpoint_id="seeded-test-v2")
+    other = tiny_engine(base=tiny_base, checkpoint_id="seeded-test-v2")
     with pytest.raises(KnowledgeBaseMismatchError, match="seeded-test-v1.*seeded-test-v2.*reinternalize=True"):
         make_kb(eng=other)
-    renamed = SeededEngine(base=tiny_base, base_name="another-base")
+    renamed = tiny_engine(base=tiny_base, base_name="another-base")
     with pytest.raises(KnowledgeBaseMismatchError, match="'tiny-random-llama'.*'another-base'"):
         make_kb(eng=renamed)
     kb2 = make_kb(eng=other, reinternalize=True)  # keeps text + embeddings, rebuilds adapters

@@ -21,7 +21,7 @@ from d2l_integrations.errors import (
 from d2l_integrations.knowledge import KnowledgeBase
 from d2l_integrations.langchain import ChatD2L, D2LChatModel, D2LRetriever
 from d2l_integrations.routing import RouteDecision, RouterConfig
-from tests.unit.routing.tiny_engine import tiny_engine
+from tests.tiny_models import tiny_engine
 
 FACT = "The Zorblax Institute was founded in 1873 by Mira Quell."
 QUESTION = "Who founded the Zorblax Institute?"

@@ -7,7 +7,7 @@ from typing import Any
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from d2l_integrations.langchain import ChatD2L
-from tests.unit.routing.tiny_engine import tiny_engine
+from tests.tiny_models import tiny_engine
 
 _ENGINE = tiny_engine()
 

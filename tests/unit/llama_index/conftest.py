@@ -1,11 +1,11 @@
-"""Fixtures: a real D2LEngine over a tiny random Llama (see tests/unit/routing/tiny_engine.py)."""
+"""Fixtures: a real D2LEngine over a tiny random Llama (tests/tiny_models.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from d2l_integrations.engine.engine import D2LEngine
-from tests.unit.routing.tiny_engine import tiny_engine
+from tests.tiny_models import tiny_engine
 
 
 @pytest.fixture(scope="session")

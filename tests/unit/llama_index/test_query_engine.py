@@ -16,7 +16,7 @@ from d2l_integrations.errors import KnowledgeBaseMismatchError, NoAdaptersError
 from d2l_integrations.knowledge import KnowledgeBase
 from d2l_integrations.llama_index import D2LLLM, D2LEmbedding, D2LQueryEngine
 from d2l_integrations.routing import RouterConfig
-from tests.unit.routing.tiny_engine import tiny_engine
+from tests.tiny_models import tiny_engine
 
 DOCS = [
     Document(text="The Zorblax Institute was founded in 1873 by Mira Quell.", id_="zorblax"),
