@@ -8,6 +8,15 @@
     auto          the router's ``auto`` policy (routing/policies.py) picks one of the above per question,
                   with its confidence fallback from d2l to rag
 
+Every method runs through the product's ``Router`` (``d2l_integrations.routing.router``), with the
+same calibration file (``RouterConfig.default``): ``auto`` as the policy, the others as forced routes
+(``base``: a router without a knowledge base), so prompts, chunk and adapter selection, the confidence
+fallback and its cost are what a user of ``Router``/``ChatD2L`` gets. The router sees a
+``QuestionKnowledge``: the benchmark's chunks and adapters of the question's documents, behind the
+``KnowledgeBase`` methods the router calls (``search``, ``adapters_for``, ``list``, ``chunks``). Only
+the summed-adapters curve (``answer_with_n_adapters``) bypasses the router, since it applies chosen
+adapters on purpose.
+
 ``Workbench`` holds what the methods share: the engine, the chunks, one Chroma collection, and the
 chunk adapters (internalized once per document, before any question). ``Workbench.answer`` returns
 one plain dict per question: the prediction, tokens, timings and route.
@@ -26,7 +35,7 @@ from d2l_integrations.engine.lora import LoRAAdapter, compose_adapters
 from d2l_integrations.errors import ContextLengthError, NoAdaptersError
 from d2l_integrations.routing.config import RouterConfig
 from d2l_integrations.routing.decision import Route
-from d2l_integrations.routing.policies import ChunkSignal, RoutingSignals, confidence_fallback, decide
+from d2l_integrations.routing.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +105,14 @@ class Workbench:
         self.documents = {d: t for task in self.tasks for d, t in task.documents.items()}
         self.doc_task = {d: task.name for task in self.tasks for d in task.documents}
         self._collection = None
+        self._views: dict[tuple[str, ...], QuestionKnowledge] = {}
+        self._num_tokens: dict[str, int] = {}
+
+    def chunk_num_tokens(self, chunk_id: str) -> int:
+        """Tokens of one chunk (cached)."""
+        if chunk_id not in self._num_tokens:
+            self._num_tokens[chunk_id] = self.engine.count_tokens(self.chunks[chunk_id].text)
+        return self._num_tokens[chunk_id]
 
     # ------------------------------------------------------------------ index (rag)
     def index(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -185,10 +202,7 @@ class Workbench:
                                "answers": list(q.answers), "meta": dict(q.meta), "status": "ok", "route": method,
                                "retrieve_s": 0.0, "n_adapters": 0, "chunk_ids": []}
         try:
-            if method == "auto":
-                self._auto(q, row)
-            else:
-                self._run(Route(method), q, row)
+            self._routed(method, q, row)
         except ContextLengthError as err:
             row.update(status="over_context", prediction="", reason=str(err))
         except NoAdaptersError as err:
@@ -196,85 +210,58 @@ class Workbench:
         row["latency_s"] = time.perf_counter() - t0
         return row
 
-    def _run(self, route: Route, q: Question, row: dict[str, Any], chunk_ids: Sequence[str] | None = None) -> None:
-        question = q.question
-        context_chunks: list[str] = []
-        adapter: LoRAAdapter | None = None
-        if route is Route.FULL_CONTEXT:
-            context = "\n\n".join(self.documents[d] for d in q.doc_ids)
-            row["prompt_tokens_needed"] = self.engine.count_tokens(context)
-            question = self.router.context_template.format(context=context, question=q.question)
-        if route in (Route.RAG, Route.HYBRID):
-            picked = list(chunk_ids) if chunk_ids is not None else self._retrieve(q, row, self.router.top_k)
-            context_chunks = picked
-            context = "\n\n".join(self.chunks[c].text for c in picked)
-            question = self.router.context_template.format(context=context, question=q.question)
-        if route in (Route.D2L, Route.HYBRID):
-            adapter = self._adapter_for(q, row, chunk_ids if route is Route.D2L else None)
-        gen = self.engine.generate([{"role": "user", "content": question}], adapters=adapter, max_new_tokens=self.max_new_tokens)
+    def knowledge(self, doc_ids: Sequence[str]) -> QuestionKnowledge:
+        """The router's view of ``doc_ids`` (one per distinct set, so its token count is cached)."""
+        key = tuple(doc_ids)
+        if key not in self._views:
+            self._views[key] = QuestionKnowledge(self, key)
+        return self._views[key]
+
+    def _routed(self, method: str, q: Question, row: dict[str, Any]) -> None:
+        """Answer through the product's ``Router``, exactly as ``Router.answer`` does (plan, generate,
+        finish, confidence fallback), keeping the first generation's cost when the fallback re-answers."""
+        knowledge = None if method == "base" else self.knowledge(q.doc_ids)
+        router = Router(self.engine, knowledge, config=self.router)
+        messages = [{"role": "user", "content": q.question}]
+        settings = {"max_new_tokens": self.max_new_tokens}
+        t0 = time.perf_counter()
+        # ``base``: no knowledge base and nothing internalized, so ``auto`` decides the plain model
+        plan = router.plan(messages, route=Route.AUTO if method in ("auto", "base") else method)
+        row["route"], row["route_reason"] = plan.decision.route.value, plan.decision.reason  # kept if generation fails
+        row["retrieve_s"] = plan.timings.get("retrieve_s", 0.0)
+        row["compose_s"] = plan.timings.get("internalize_s", 0.0)
+        if plan.retrieved:
+            row["retrieved"] = [[c.chunk_id, round(float(c.score), 4)] for c in plan.retrieved]
+        if method == "full_context":
+            row["prompt_tokens_needed"] = plan.signals.knowledge_tokens
+        first = self.engine.generate(plan.messages, adapters=plan.adapter, **settings)
+        answer = router.finish(plan, first, started=t0)
+        final = router.fall_back_if_unsure(answer, plan, messages, None, started=t0, **settings)
+        gen, decision = final.generation, final.decision
+        chunk_ids = set(decision.chunk_ids)
+        if plan.decision.uses_adapters:
+            row["n_adapters"] = len(plan.decision.adapter_ids)
+            chunk_ids |= set(plan.decision.chunk_ids)
         row.update(
+            route=decision.route.value, route_reason=decision.reason, chunk_ids=sorted(chunk_ids),
             prediction=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
             mean_logprob=gen.mean_logprob, finish_reason=gen.finish_reason,
-            ttft_s=row["retrieve_s"] + row.get("compose_s", 0.0) + gen.timings.get("first_token_s", 0.0),
-            generate_s=gen.timings.get("total_s", 0.0),
+            ttft_s=row["retrieve_s"] + row["compose_s"] + gen.timings.get("first_token_s", 0.0),
+            generate_s=final.timings.get("generate_s", 0.0),
         )
-        if context_chunks:
-            row["chunk_ids"] = sorted(set(row["chunk_ids"]) | set(context_chunks))
-
-    def _retrieve(self, q: Question, row: dict[str, Any], k: int) -> list[str]:
-        t0 = time.perf_counter()
-        hits = self.retrieve(_query_text(q), q.doc_ids, k)
-        row["retrieve_s"] += time.perf_counter() - t0
-        row["retrieved"] = [[c, round(s, 4)] for c, s in hits]
-        return [c for c, _ in hits]
-
-    def _adapter_for(self, q: Question, row: dict[str, Any], chunk_ids: Sequence[str] | None) -> LoRAAdapter:
-        """The summed adapters of the question's knowledge: all chunks when they fit the router's
-        adapter budget, else the top retrieved ones (as the router's d2l route does)."""
-        if chunk_ids is None:
-            knowledge = [c for d in q.doc_ids for c in self.doc_chunks[d]]
-            chunk_ids = knowledge if len(knowledge) <= self.router.adapter_budget else self._retrieve(q, row, self.router.adapter_budget)
-        missing = [c for c in chunk_ids if c not in self.adapters]
-        if missing:
-            reasons = {self.doc_costs[self.chunks[c].doc_id].reason for c in missing if self.chunks[c].doc_id in self.doc_costs}
-            msg = f"{len(missing)} of {len(chunk_ids)} chunks have no adapter: {'; '.join(sorted(reasons)) or 'not internalized'}."
-            raise NoAdaptersError(msg)
-        t0 = time.perf_counter()
-        adapter = compose_adapters([self.adapters[c] for c in chunk_ids])
-        row["compose_s"] = time.perf_counter() - t0
-        row["n_adapters"] = len(chunk_ids)
-        row["chunk_ids"] = sorted(set(row["chunk_ids"]) | set(chunk_ids))
-        return adapter
-
-    def _auto(self, q: Question, row: dict[str, Any]) -> None:
-        cfg = self.router
-        t0 = time.perf_counter()
-        hits = self.retrieve(_query_text(q), q.doc_ids, cfg.top_k)
-        row["retrieve_s"] += time.perf_counter() - t0
-        row["retrieved"] = [[c, round(s, 4)] for c, s in hits]
-        signals = RoutingSignals(
-            query=_query_text(q), has_knowledge_base=True,
-            chunks=tuple(ChunkSignal(c, s, c if c in self.adapters else None) for c, s in hits),
-            knowledge_tokens=sum(self.engine.count_tokens(self.documents[d]) for d in q.doc_ids),
-            context_window=self.engine.base.context_window,
-        )
-        decision = decide(Route.AUTO, signals, cfg)
-        row["route"], row["route_reason"] = decision.route.value, decision.reason
-        self._run(decision.route, q, row, chunk_ids=decision.adapter_ids or decision.chunk_ids or None)
-        if "mean_logprob" in row and decision.route is Route.D2L:
-            fallback = confidence_fallback(decision, row["mean_logprob"], cfg, signals)
-            if fallback is not None:
-                first = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "generate_s")}
-                row["route"], row["route_reason"], row["fallback_from"] = fallback.route.value, fallback.reason, "d2l"
-                self._run(fallback.route, q, row, chunk_ids=fallback.chunk_ids or None)
-                # both generations were paid for
-                row["prompt_tokens"] += first["prompt_tokens"]
-                row["completion_tokens"] += first["completion_tokens"]
-                row["ttft_s"] += first["generate_s"]  # the first answer was generated and discarded before this one began
+        if final is not answer:  # the confidence fallback re-answered: both generations were paid for
+            row["fallback_from"] = plan.decision.route.value
+            row["prompt_tokens"] += first.prompt_tokens
+            row["completion_tokens"] += first.completion_tokens
+            row["ttft_s"] += first.timings.get("total_s", 0.0)  # the first answer was generated and discarded first
 
     # ------------------------------------------------------------------ the summed-adapters curve
     def answer_with_n_adapters(self, task: Task, q: Question, n: int) -> dict[str, Any]:
-        """d2l with the gold document's chunk adapters plus distractor documents' up to ``n`` adapters."""
+        """d2l with the gold document's chunk adapters plus distractor documents' up to ``n`` adapters.
+
+        Bypasses the router on purpose (the router would pick adapters by relevance and its budget):
+        only the question is in the prompt and exactly these ``n`` adapters are summed.
+        """
         gold = q.meta.get("gold_doc", q.doc_ids[0])
         others = [d for d in q.doc_ids if d != gold]
         chunk_ids = [c for d in [gold, *others] for c in self.doc_chunks[d]][:n]
@@ -283,15 +270,66 @@ class Workbench:
                                "answers": list(q.answers), "meta": dict(q.meta), "status": "ok", "route": "d2l",
                                "retrieve_s": 0.0, "n_adapters": 0, "chunk_ids": []}
         try:
-            self._run(Route.D2L, q, row, chunk_ids=chunk_ids)
+            missing = [c for c in chunk_ids if c not in self.adapters]
+            if missing:
+                msg = f"{len(missing)} of {len(chunk_ids)} chunks have no adapter."
+                raise NoAdaptersError(msg)
+            t1 = time.perf_counter()
+            adapter = compose_adapters([self.adapters[c] for c in chunk_ids])
+            row.update(compose_s=time.perf_counter() - t1, n_adapters=len(chunk_ids), chunk_ids=sorted(chunk_ids))
+            gen = self.engine.generate([{"role": "user", "content": q.question}], adapters=adapter, max_new_tokens=self.max_new_tokens)
+            row.update(
+                prediction=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                mean_logprob=gen.mean_logprob, finish_reason=gen.finish_reason,
+                ttft_s=row["compose_s"] + gen.timings.get("first_token_s", 0.0), generate_s=gen.timings.get("total_s", 0.0),
+            )
         except NoAdaptersError as err:
             row.update(status="skipped", prediction="", reason=str(err))
         row["latency_s"] = time.perf_counter() - t0
         return row
 
 
-def _query_text(q: Question) -> str:
-    return q.question
+class QuestionKnowledge:
+    """The knowledge of one question (its documents' chunks and adapters), as the router sees a
+    ``KnowledgeBase``: ``search``, ``adapters_for``, ``list`` and ``chunks`` with the same return types.
+
+    Scores are cosine similarities from the same embedder as the knowledge base's, so the router's
+    calibrated ``min_relevance`` means the same here. A chunk's ``adapter_id`` is its chunk id when it
+    was internalized, else None (as in a lazy knowledge base, which the router then routes around).
+    """
+
+    def __init__(self, bench: Workbench, doc_ids: Sequence[str]) -> None:
+        self.bench = bench
+        self.doc_ids = tuple(doc_ids)
+
+    def search(self, query: str, k: int = 4, where: Any = None) -> list[Any]:  # noqa: ARG002 - scoped already
+        return [self._chunk(c, score) for c, score in self.bench.retrieve(query, self.doc_ids, k)]
+
+    def adapters_for(self, chunks: Sequence[Any]) -> LoRAAdapter:
+        ids = list(dict.fromkeys(getattr(c, "chunk_id", c) for c in chunks))
+        missing = [c for c in ids if c not in self.bench.adapters]
+        if missing:
+            msg = f"{len(missing)} of {len(ids)} chunks have no adapter (not internalized in this run)."
+            raise NoAdaptersError(msg)
+        return compose_adapters([self.bench.adapters[c] for c in ids])
+
+    def list(self) -> list[Any]:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(doc_id=d, content_key=d, updated_at=0.0) for d in self.doc_ids]
+
+    def chunks(self, doc_id: str) -> list[Any]:
+        return [self._chunk(c, 1.0) for c in self.bench.doc_chunks[doc_id]]
+
+    def _chunk(self, chunk_id: str, score: float) -> Any:
+        from d2l_integrations.knowledge.knowledge_base import RetrievedChunk
+
+        chunk = self.bench.chunks[chunk_id]
+        return RetrievedChunk(
+            chunk_id=chunk_id, doc_id=chunk.doc_id, text=chunk.text, score=float(score),
+            metadata={"doc_id": chunk.doc_id, "num_tokens": self.bench.chunk_num_tokens(chunk_id)},
+            adapter_id=chunk_id if chunk_id in self.bench.adapters else None,
+        )
 
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "Chunk", "DocCost", "Workbench"]
+__all__ = ["ADAPTER_METHODS", "METHODS", "Chunk", "DocCost", "QuestionKnowledge", "Workbench"]

@@ -175,12 +175,14 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"- questions: {run['n_questions']} per method, tasks: {', '.join(run['tasks'])}; same questions, model and process for every method",
         f"- d2l internalizer: **{run['internalizer'] or 'not run'}**"
+        + (f" (checkpoint `{run['internalizer_checkpoint']}`)" if run.get("internalizer_checkpoint") else "")
         + ("" if run.get("hypernetwork_loaded") else " (no hypernetwork checkpoint is loaded for this model, so D2L adapters come from per-document distillation)"),
         *([f"- distill budget: max_steps {run['distill_config']['max_steps']}, max_questions {run['distill_config']['max_questions']}, "
             f"batch_size {run['distill_config']['batch_size']}, rank {run['distill_config']['rank']} (the `full` suite uses the engine default)"]
           if run.get("distill_config") else []),
         f"- context window {run['context_window']} tokens; chunks of {run['chunk_tokens']} tokens; rag top-k {run['router']['top_k']}; "
-        f"adapter budget {run['router']['adapter_budget']}; router calibrated: {run['router']['calibrated']}",
+        f"adapter budget {run['router']['adapter_budget']}; router calibrated: {run['router']['calibrated']}"
+        + (f"; answers through `{run['router']['answers_via']}`" if run["router"].get("answers_via") else ""),
         f"- wall time {run['wall_s']:.0f} s; host: {run['host']['cpus']} CPUs, torch threads {run['host']['torch_threads']}"
         + (f", load average {run['host']['loadavg_start'][0]} at start and {run['host']['loadavg_end'][0]} at end (other processes share the CPUs and inflate timings)"
            if run["host"].get("loadavg_start") and run["host"].get("loadavg_end") else ""),

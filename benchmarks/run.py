@@ -8,7 +8,8 @@
 A run folder gets: rows.jsonl (one line per question and method), documents.jsonl (one-off
 internalize cost per document), summary.json, results.md (tables) and plots/*.png. Same model,
 same questions, same process for every method; the internalizer actually used (hypernetwork or
-distill) is recorded, since the default model ships no hypernetwork checkpoint yet.
+distill, with the checkpoint id) is recorded. Every method except the summed-adapters curve answers
+through the product's ``Router`` with the shipped calibration (see ``benchmarks/methods.py``).
 """
 
 from __future__ import annotations
@@ -215,7 +216,9 @@ def run_suite(
         "hypernetwork_loaded": getattr(engine, "hypernetwork", None) is not None,
         "chunk_tokens": bench.chunk_tokens or _default_chunk_tokens(),
         "router": {"top_k": bench.router.top_k, "adapter_budget": bench.router.adapter_budget,
-                   "min_relevance": bench.router.min_relevance, "calibrated": bench.router.is_calibrated},
+                   "min_relevance": bench.router.min_relevance, "min_confidence": bench.router.min_confidence,
+                   "calibrated": bench.router.is_calibrated, "calibrated_on": bench.router.calibrated_on,
+                   "answers_via": "d2l_integrations.routing.router.Router"},
         "max_chunks_per_doc": settings["max_chunks_per_doc"],
         "excluded_squad_titles": settings["excluded_titles"],
         "max_new_tokens": max_new_tokens,

@@ -110,3 +110,13 @@ def test_run_suite_end_to_end_on_tiny_model(tiny_engine, data_root, tmp_path):
     assert any(r["method"] == "d2l_sum" for r in rows)
     assert len({r["method"] for r in main[:5]}) == 5  # methods interleaved per question (load drift hits all alike)
     assert (tmp_path / "plots" / "niah_heatmap.png").exists()
+
+
+def test_markdown_names_the_checkpoint_and_the_router():
+    run = {**RUN, "internalizer": "hypernetwork", "hypernetwork_loaded": True, "internalizer_checkpoint": "d2l-abc",
+           "router": {**RUN["router"], "answers_via": "d2l_integrations.routing.router.Router"}}
+    rs = [row("d2l", "f/1", "facts", "qa", "x", ["x"], n_adapters=1)]
+    report.score_rows(rs)
+    md = report.markdown(report.summarize(rs, DOCS, {}, PRICES, run))
+    assert "internalizer: **hypernetwork** (checkpoint `d2l-abc`)" in md and "no hypernetwork checkpoint" not in md
+    assert "answers through `d2l_integrations.routing.router.Router`" in md
