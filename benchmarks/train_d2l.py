@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.minutes > 0:
+        t0 = time.time()
+        done = trainer.precompute_teacher_responses()
+        print(json.dumps({"teacher_answers_generated": done, "cached": len(trainer._teacher_answers), "s": round(time.time() - t0, 1)}), flush=True)
         res = trainer.train(deadline=time.time() + 60 * args.minutes, on_log=lambda d: print(json.dumps(d), flush=True))
         print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen}), flush=True)
     table = {}

@@ -221,7 +221,7 @@ class Tokenizer:
         self.bucket = bucket
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.end_ids = self._ids(tokenizer.eos_token or "")
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, Any] = {}
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -239,19 +239,24 @@ class Tokenizer:
         ids = self._ids(doc)
         return doc if len(ids) <= self.max_doc_tokens else self.tok.decode(ids[: self.max_doc_tokens])
 
+    def _split_render(self, question: str) -> tuple[str, str]:
+        """The rendered teacher prompt around the document: (text before it, text after it). Cached."""
+        key = "\x00split\x00" + question
+        if key not in self._cache:
+            marker = "\x00DOC\x00"
+            head, tail = self._render(marker + "\n\n" + question).split(marker)
+            self._cache[key] = (head, tail)  # type: ignore[assignment]
+        return self._cache[key]  # type: ignore[return-value]
+
     def teacher_prompt(self, doc: str, question: str) -> tuple[list[int], int]:
         """Ids of the teacher prompt and the length of its prefix through the document."""
-        marker = "\x00DOC\x00"
-        text = self._render(marker + "\n\n" + question)
-        head, tail = text.split(marker)
+        head, tail = self._split_render(question)
         prefix = self._ids(head + doc)
         return prefix + self._ids(tail), len(prefix)
 
     def doc_prefix(self, doc: str) -> list[int]:
         """Ids of the teacher prompt's prefix through ``doc`` alone: the encoder input of one chunk."""
-        marker = "\x00DOC\x00"
-        head = self._render(marker + "\n\n").split(marker)[0]
-        return self._ids(head + self.truncate_doc(doc))
+        return self._ids(self._split_render("")[0] + self.truncate_doc(doc))
 
     def student_prompt(self, question: str) -> list[int]:
         if question not in self._cache:
@@ -426,15 +431,31 @@ class DistillationTrainer:
         factors = self.generate_factors(torch.cat([feats, c_feats])[idx], torch.cat([mask, c_mask])[idx])
         return compose_rows(factors, groups)
 
-    def fill_teacher_responses(self, examples: Sequence[Example]) -> list[Example]:
+    def precompute_teacher_responses(self, *, batch_size: int = 128) -> int:
+        """Generate the teacher's answers for every question of the training tasks that enumerate
+        theirs (``task.teacher_examples()``), in large batches, before training; cached in
+        ``out_dir/teacher_answers.json`` so a resumed run does not redo them. Returns how many."""
+        path = self.out_dir / "teacher_answers.json" if self.out_dir is not None else None
+        if path is not None and path.is_file():
+            self._teacher_answers.update({tuple(k): v for k, v in json.loads(path.read_text())})
+        todo = [e for task in self.train_data.tasks for e in getattr(getattr(task, "task", task), "teacher_examples", list)()]
+        todo = [e for e in todo if (e.teacher_doc or e.doc, e.question) not in self._teacher_answers]
+        for i in range(0, len(todo), batch_size):
+            self.fill_teacher_responses(todo[i:i + batch_size], batch_size=batch_size)
+        if path is not None and todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([[list(k), v] for k, v in self._teacher_answers.items()]))
+        return len(todo)
+
+    def fill_teacher_responses(self, examples: Sequence[Example], *, batch_size: int = 64) -> list[Example]:
         """Examples with ``teacher_response`` get the teacher's greedy answer (cached per document and question).
 
         ``key`` becomes the first gold answer found in that response (case-insensitive), else "".
         """
         key_of = lambda e: (e.teacher_doc or e.doc, e.question)  # noqa: E731
         need = list({key_of(e): e for e in examples if e.teacher_response and not e.response and key_of(e) not in self._teacher_answers})
-        for i in range(0, len(need), 64):
-            part = need[i:i + 64]
+        for i in range(0, len(need), batch_size):
+            part = need[i:i + batch_size]
             prompts = [self.tokens.teacher_prompt(self.tokens.truncate_doc(doc), q)[0] for doc, q in part]
             for k, text in zip(part, _generate(self, prompts, None, False, self.config.teacher_max_new_tokens), strict=True):
                 self._teacher_answers[k] = text.strip()
@@ -485,6 +506,7 @@ class DistillationTrainer:
     def train_step(self) -> dict[str, float]:
         c = self.config
         self.hypernet.train()
+        t0 = time.perf_counter()
         rows = self.fill_teacher_responses(self.train_data.batch(self.step, c.batch_size))
         kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
         self.skipped_rows += len(rows) - len(kept)
@@ -492,8 +514,11 @@ class DistillationTrainer:
             self.step += 1
             return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
         batch = self.tokens.batch(kept, self.device)
+        t1 = time.perf_counter()
         t_logits, feats, mask = self.teacher(batch)
         factors = self.document_factors(batch, feats, mask)
+        self._sync()
+        t2 = time.perf_counter()
         s_logits = self.student(batch, factors)
         parts = self.losses(t_logits, s_logits, batch)
         loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
@@ -508,8 +533,15 @@ class DistillationTrainer:
         self.optimizer.step()
         self.step += 1
         self.tokens_seen += int(batch.teacher_ids.numel() + batch.student_ids.numel())
-        return {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
-                "key_acc": parts["key_acc"].mean().item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1)}
+        rec = {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
+               "key_acc": parts["key_acc"].mean().item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1)}
+        t3 = time.perf_counter()
+        rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes
+        return rec
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def eval_teacher_forced(self, batch_size: int = 32) -> dict[str, dict[str, float]]:

@@ -406,6 +406,11 @@ class SquadTask:
         self._articles = [[arts[t][i] for i in sorted(arts[t])] for t in sorted(arts)]
         self.max_paragraphs, self.max_chars = max_paragraphs, int(max_tokens * CHARS_PER_TOKEN)
 
+    def teacher_examples(self) -> list[Example]:
+        """One example per (paragraph, question): what the teacher answers (``teacher_doc``)."""
+        return [Example(text, q, "", "", answers, self.name, teacher_response=True, teacher_doc=text)
+                for paras in self._articles for text, qs in paras for q, answers in qs]
+
     def sample(self, rng: np.random.Generator) -> Example:
         while True:
             paras = self._articles[int(rng.integers(len(self._articles)))]

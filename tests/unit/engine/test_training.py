@@ -305,3 +305,25 @@ def test_squad_split_is_by_article_and_matches_the_recorded_titles():
     ex = train.sample(rng)
     assert ex.teacher_response and ex.response == "" and ex.answers
     assert set(SQUAD_HELD_OUT_TITLES).isdisjoint(SQUAD_TRAIN_TITLES)
+
+
+def test_teacher_answers_are_precomputed_and_persisted(tiny_base, tmp_path):
+    class Enumerable:
+        name = "qa"
+
+        def teacher_examples(self):
+            return [Example(f"Doc {i}.", f"Question {i}?", "", "", ("x",), "qa", teacher_response=True, teacher_doc=f"Doc {i}.")
+                    for i in range(5)]
+
+        def sample(self, rng):
+            return self.teacher_examples()[int(rng.integers(5))]
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), out_dir=tmp_path)
+    trainer.train_data = TaskMix([(Enumerable(), 1.0)], seed=0)
+    assert trainer.precompute_teacher_responses(batch_size=2) == 5
+    assert (tmp_path / "teacher_answers.json").is_file()
+    again = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), out_dir=tmp_path)
+    again.train_data = trainer.train_data
+    assert again.precompute_teacher_responses() == 0 and again._teacher_answers == trainer._teacher_answers
+    rec = again.train_step()
+    assert np.isfinite(rec["loss"]) and {"s_data", "s_teacher", "s_student"} <= set(rec)
