@@ -24,9 +24,13 @@ Run (GPU machine; ``--help`` lists every option). The recipe that works is a cur
         --tasks needle_alone --steps 270 --lr 5e-4
     ... --tasks needle_line,needle_essay --min-tokens 32 --max-tokens 128 --steps 860 --lr 5e-4
     ... --tasks facts,needle_line,needle_essay --min-tokens 128 --max-tokens 512 --minutes 4 --lr 3e-4
+    ... --tasks facts_varied/1-4+d2:2,facts/1-4+d1:0.5,squad/1-3+d1:2,needle_para/1-4+d1:1,needle/1-4:0.5,cloze/1-3:1 \
+        --minutes 8 --lr 3e-4      # composition: chunk adapters summed, distractors (run S2)
 
-A fresh network gets ``scaler_B = 1`` (``open_document_path``): with the published 0 the
-document path never opens and training collapses to a document-independent adapter.
+A fresh network gets ``scaler_B = 1`` (``HypernetworkConfig.scaler_b_init``): with the published
+0 the document path never opens and training collapses to a document-independent adapter.
+``--init FOLDER`` fine-tunes a shipped checkpoint instead (``benchmarks/train_d2l.py`` does the
+same and also prints the held-out diagnostic table).
 
 State under ``--out``: ``state.pt`` (weights, optimizer, step, config; written atomically every
 ``save_every`` steps and at the end), ``log.jsonl`` (one line per ``log_every`` steps and per
@@ -751,7 +755,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train a D2L hypernetwork by context distillation.")
     p.add_argument("--base", default="default", help="base model: 'default', HF id/folder, or a folder with --gguf")
     p.add_argument("--gguf", default=None, help="GGUF file name inside --base")
-    p.add_argument("--tasks", default="needle:1", help="task:weight,... (needle, needle_alone, needle_line, needle_essay, facts, cloze)")
+    p.add_argument("--tasks", default="needle:1", help="task:weight,... (training_data.make_task names: needle, needle_alone, needle_line, "
+                   "needle_essay, needle_para, facts, facts_varied, cloze, squad; suffix /lo-hi = chunks summed, +dN = distractor chunks)")
+    p.add_argument("--init", default=None, help="start a fresh run from this checkpoint folder (our format) instead of a random network")
     p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")
     p.add_argument("--steps", type=int, default=None, help="stop at this global step (a resumed run counts on)")
@@ -775,17 +781,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
     overrides = {**SMOLLM2_135M_SHAPE, **(json.loads(args.hypernet_config) if args.hypernet_config else {})}
-    hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
-                              base_model=base.name, base_model_revision=base.revision, **overrides)
-    hyper = Hypernetwork(hcfg).to(base.device)
-    open_document_path(hyper, args.scaler_b_init)  # overwritten by the saved state when resuming
+    if args.init:
+        from d2l_integrations.engine.checkpoint import load_checkpoint
+
+        hyper = load_checkpoint(args.init, base).float().to(base.device).train().requires_grad_(True)
+    else:
+        hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
+                                  base_model=base.name, base_model_revision=base.revision, scaler_b_init=args.scaler_b_init, **overrides)
+        hyper = Hypernetwork(hcfg).to(base.device)  # overwritten by the saved state when resuming
+    tasks = _parse_tasks(args.tasks)
     lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
-    cfg = TrainingConfig(tasks=_parse_tasks(args.tasks), batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
                          warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
-                         task_kwargs={t: lengths for t in ("needle", "needle_line", "needle_essay")})
+                         task_kwargs={t: lengths for t, _ in tasks})
     trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out)
     if trainer.maybe_resume():
         logger.info("Resumed from %s at step %d", args.out, trainer.step)
+    trainer.precompute_teacher_responses()
     deadline = t_start + 60 * args.minutes if args.minutes else None
     trainer.train(deadline=deadline, max_steps=args.steps)
 

@@ -327,3 +327,24 @@ def test_teacher_answers_are_precomputed_and_persisted(tiny_base, tmp_path):
     assert again.precompute_teacher_responses() == 0 and again._teacher_answers == trainer._teacher_answers
     rec = again.train_step()
     assert np.isfinite(rec["loss"]) and {"s_data", "s_teacher", "s_student"} <= set(rec)
+
+
+def test_cli_fine_tunes_from_a_checkpoint_folder(tiny_base, tmp_path):
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+    from d2l_integrations.engine.training import main
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    reloaded = load_base_model(str(folder), device="cpu")
+    net = tiny_hypernet(reloaded)
+    save_checkpoint(net, tmp_path / "ckpt")
+    main(["--base", str(folder), "--device", "cpu", "--out", str(tmp_path / "run"), "--tasks", "facts/1-2", "--batch-size", "2",
+          "--init", str(tmp_path / "ckpt"), "--steps", "1"])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert state["step"] == 1
+    moved = [k for k, v in net.state_dict().items() if not torch.allclose(v.float(), state["hypernet"][k].float())]
+    assert moved  # it trained ...
+    for k, v in net.state_dict().items():  # ... starting from the checkpoint's weights (one Adam step of lr 3e-4 moves each by <= ~3e-4)
+        assert torch.allclose(v.float(), state["hypernet"][k].float(), atol=2e-3), k
