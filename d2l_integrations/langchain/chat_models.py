@@ -177,6 +177,12 @@ class ChatD2L(BaseChatModel):
         super().__init__(**kwargs)
         self._check_sources()  # after validation, so our typed errors are not wrapped by pydantic
 
+    @classmethod
+    def from_knowledge_base(cls, knowledge_base: Any, **kwargs: Any) -> ChatD2L:
+        """A chat model over an existing ``KnowledgeBase`` (its engine is used), like
+        ``D2LQueryEngine.from_knowledge_base``; other arguments as for the constructor."""
+        return cls(knowledge_base=knowledge_base, **kwargs)
+
     def _check_sources(self) -> None:
         if self.engine is not None and not isinstance(self.engine, D2LEngine):
             msg = f"engine must be a D2LEngine, got {type(self.engine).__name__}. Build one with D2LEngine.default()."

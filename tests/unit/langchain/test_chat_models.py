@@ -182,6 +182,12 @@ def test_knowledge_base_routes_and_retriever_share_the_store(engine: D2LEngine, 
     assert docs[0].id == "zorblax@0#0" and docs[0].metadata["adapter_id"] == decision.adapter_ids[0]
 
 
+def test_from_knowledge_base_matches_the_constructor(engine: D2LEngine, kb: KnowledgeBase) -> None:
+    chat = ChatD2L.from_knowledge_base(kb, max_tokens=6, router_config=CONFIG)
+    assert chat.knowledge_base is kb and chat.get_engine() is engine and chat.max_tokens == 6
+    assert chat.invoke(QUESTION).content == ChatD2L(knowledge_base=kb, max_tokens=6, router_config=CONFIG).invoke(QUESTION).content
+
+
 def test_knowledge_base_of_another_model_is_refused(kb: KnowledgeBase) -> None:
     other = tiny_engine(seed=1)  # same architecture, other weights: another revision
     with pytest.raises(KnowledgeBaseMismatchError, match="tiny-seed-0.*tiny-seed-1"):
