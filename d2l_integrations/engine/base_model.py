@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,12 +222,28 @@ def load_base_model(
     return base
 
 
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No transformers progress bars while loading ("Loading weights: 100%" on every load, GGUF
+    conversion bars): the library reports its own progress. Restores the previous setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(name_or_path: str, dtype: torch.dtype, *, name: str | None = None, revision: str | None = None) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         msg = (
@@ -258,8 +275,9 @@ def _convert_gguf(path: Path, folder: Path, dtype: torch.dtype) -> None:
 
     logger.info("Converting %s to a %s safetensors folder in %s (one-off, ~15 s)", path.name, dtype, folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ImportError as exc:
         msg = f"Loading a GGUF needs the `gguf` package: pip install 'gguf>=0.10'. ({exc})"
         raise ModelNotFoundError(msg) from exc
