@@ -148,7 +148,8 @@ def demo(
     questions = json.loads((SAMPLES / "questions.json").read_text())
     paths = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".md", ".txt", ".html") and p.name != "README.md")
     console.print(f"[bold]Documents:[/bold] {', '.join(p.name for p in paths)} -> store {store}")
-    kb = KnowledgeBase(store, engine, method=method)
+    # the demo's own store: adapters made by an older checkpoint (a package upgrade) are rebuilt, not refused
+    kb = KnowledgeBase(store, engine, method=method, reinternalize=True)
     t0 = time.perf_counter()
     kb.add(paths, progress=True)
     internalize_s = time.perf_counter() - t0
