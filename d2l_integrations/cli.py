@@ -26,6 +26,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from d2l_integrations.errors import D2LError
@@ -38,7 +39,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, also when piped to a log
 SAMPLES = Path(__file__).resolve().parent / "samples"
 ROUTES = ("d2l", "rag", "hybrid", "full_context", "auto")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,15 +85,26 @@ def _handle_errors(fn: F) -> F:
         except D2LError as exc:
             if STATE.debug:
                 raise
-            err_console.print(f"[bold red]Error ({type(exc).__name__}):[/bold red] {exc}")
+            err_console.print(f"[bold red]Error ({type(exc).__name__}):[/bold red] {escape(str(exc))}")
             raise typer.Exit(2) from None
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if STATE.debug:
                 raise
-            err_console.print(f"[bold red]Unexpected error ({type(exc).__name__}):[/bold red] {exc}\nRerun with --debug for the traceback.")
+            err_console.print(f"[bold red]Unexpected error ({type(exc).__name__}):[/bold red] {escape(str(exc))}\nRerun with --debug for the traceback.")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print a one-line bad-input error (``message`` is plain text, not rich markup); return Exit(2) to raise."""
+    err_console.print(f"[bold red]Error:[/bold red] {escape(message)}")
+    return typer.Exit(2)
+
+
+def _require_store(store: Path) -> None:
+    if not store.exists():
+        raise _fail(f"no knowledge base at {store}. Create one with `d2l ingest FILES --store {store}`.")
 
 
 def _engine(base_model: str, checkpoint: Path | None) -> Any:
@@ -136,8 +148,7 @@ def demo(
     chosen = [r.strip() for r in routes.split(",") if r.strip()]
     bad = [r for r in chosen if r not in ROUTES]
     if bad:
-        err_console.print(f"[bold red]Error:[/bold red] unknown route(s) {bad}. Choose from {list(ROUTES)}.")
-        raise typer.Exit(2)
+        raise _fail(f"unknown route(s) {bad}. Choose from {list(ROUTES)}.")
     store = store or cache_dir() / "demo-kb"
     if fresh and store.exists():
         shutil.rmtree(store)
@@ -213,8 +224,7 @@ def ingest(
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        err_console.print(f"[bold red]Error:[/bold red] no such file(s): {missing}. Nothing was added.")
-        raise typer.Exit(2)
+        raise _fail(f"no such file(s): {missing}. Nothing was added.")
     engine = _engine(base_model, checkpoint)
     kb = KnowledgeBase(store, engine, method=method, lazy=lazy, chroma_url=chroma_url)
     ids = kb.add(paths)
@@ -236,10 +246,10 @@ def ask(
     """Answer a question from a knowledge base, on the route the router picks (or the one you force)."""
     from d2l_integrations.knowledge import KnowledgeBase
     from d2l_integrations.routing import Router
+    from d2l_integrations.routing.decision import parse_route
 
-    if not store.exists():
-        err_console.print(f"[bold red]Error:[/bold red] no knowledge base at {store}. Create one with `d2l ingest FILES --store {store}`.")
-        raise typer.Exit(2)
+    parse_route(route)  # a bad --route fails here, before the model loads
+    _require_store(store)
     engine = _engine(base_model, checkpoint)
     kb = KnowledgeBase(store, engine, chroma_url=chroma_url)
     answer = Router(engine, kb).answer([{"role": "user", "content": question}], route=route, max_new_tokens=max_new_tokens)
@@ -257,6 +267,7 @@ def list_documents(store: Annotated[Path, typer.Option(help="Knowledge-base fold
     """List the documents of a knowledge base."""
     from d2l_integrations.knowledge import KnowledgeBase
 
+    _require_store(store)
     kb = KnowledgeBase(store, None)
     table = Table()
     for col in ("doc_id", "chunks", "source"):
@@ -272,6 +283,7 @@ def delete(doc_id: Annotated[str, typer.Argument()], store: Annotated[Path, type
     """Delete a document: its text, embeddings and adapters together."""
     from d2l_integrations.knowledge import KnowledgeBase
 
+    _require_store(store)
     KnowledgeBase(store, None).delete(doc_id)
     console.print(f"Deleted {doc_id}.")
 
@@ -290,17 +302,19 @@ def export(
 ) -> None:
     """Write a document's adapter as a standard PEFT LoRA folder (loads with peft.PeftModel.from_pretrained)."""
     if (doc_id is None) == (text_file is None):
-        err_console.print("[bold red]Error:[/bold red] give either a DOC_ID with --store, or --text FILE.")
-        raise typer.Exit(2)
+        raise _fail("give either a DOC_ID with --store, or --text FILE.")
+    if text_file is not None and not text_file.is_file():
+        raise _fail(f"no such file: {text_file}.")
+    if doc_id is not None:
+        if store is None:
+            raise _fail("--store is required with a DOC_ID.")
+        _require_store(store)
     engine = _engine(base_model, checkpoint)
     if text_file is not None:
         adapter = engine.internalize(text_file.read_text(), method=method, activate=False)
     else:
         from d2l_integrations.knowledge import KnowledgeBase
 
-        if store is None:
-            err_console.print("[bold red]Error:[/bold red] --store is required with a DOC_ID.")
-            raise typer.Exit(2)
         kb = KnowledgeBase(store, engine)
         adapter = kb.adapters_for(kb.chunks(doc_id))
     adapter.to_peft(out, base_model_name_or_path=engine.base.name)
@@ -308,12 +322,12 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------- bench / train
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 @_handle_errors
 def bench(ctx: typer.Context) -> None:
     """Run the side-by-side benchmark (arguments go to `python -m benchmarks.run`; needs a source checkout)."""
     try:
-        from benchmarks import run as bench_run
+        from benchmarks import run as bench_run  # its parser answers `d2l bench --help`
     except ImportError:
         err_console.print("[bold red]Error:[/bold red] `d2l bench` runs from a source checkout of d2l_integrations "
                           "(the benchmarks/ folder is not installed). cd into the checkout and retry.")
@@ -321,10 +335,10 @@ def bench(ctx: typer.Context) -> None:
     raise typer.Exit(bench_run.main(list(ctx.args)) or 0)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 @_handle_errors
 def train(ctx: typer.Context) -> None:
-    """Train a hypernetwork for a base model (arguments go to the trainer; `d2l train --help`)."""
+    """Train a hypernetwork for a base model (arguments go to the trainer; `d2l train --help` lists them)."""
     from d2l_integrations.engine import training
 
     raise typer.Exit(training.main(list(ctx.args)) or 0)
