@@ -5,7 +5,8 @@
         --out d2l_integrations/routing/calibration/huggingfacetb--smollm2-135m-instruct.json
 
 Data: SQuAD v1.1 dev paragraphs of the ``--titles`` articles (never the evaluation articles: the
-JSON records which titles were used, and evaluation must exclude them). Nothing is copied into the
+JSON records which titles were used, and evaluation must exclude them; never the hypernetwork's
+training articles ``training_data.SQUAD_TRAIN_TITLES``: refused). Nothing is copied into the
 repository; the data is read from ``$D2L_DATA_DIR`` (default ``../shared/data``).
 
 What is measured, per question (its gold paragraph is one document of a fresh KnowledgeBase):
@@ -136,9 +137,13 @@ def main() -> None:
 
     from d2l_integrations.engine.engine import D2LEngine
     from d2l_integrations.engine.lora import compose_adapters
+    from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES
     from d2l_integrations.knowledge import KnowledgeBase
     from d2l_integrations.routing import RouterConfig
 
+    trained_on = sorted(set(args.titles) & set(SQUAD_TRAIN_TITLES))
+    if trained_on:  # the hypernetwork has seen these articles: its confidence there would be optimistic
+        parser.error(f"--titles {trained_on} are hypernetwork training articles (SQUAD_TRAIN_TITLES); calibrate on others (default: Normans Geology).")
     args.run_dir.mkdir(parents=True, exist_ok=True)
     paragraphs = load_paragraphs(args.data_dir, args.titles, args.paragraphs, args.questions_per_paragraph)
     logger.info("Calibrating on %d paragraphs of %s", len(paragraphs), args.titles)

@@ -15,6 +15,9 @@ Sources (local files under ``$D2L_DATA_DIR``, default ``../shared/data`` beside 
     facts         made-up biographies from d2l_integrations.engine.training_data.FactsTask
     multidoc      a pool of made-up biographies; each question's knowledge is the whole pool
 
+SQuAD tasks never use the router's calibration articles (``CALIBRATION_TITLES``) nor the articles
+the hypernetwork trained on (``training_data.SQUAD_TRAIN_TITLES``): ``EVAL_EXCLUDED_TITLES``.
+
 ``source`` may also be a path (a JSONL file or a folder holding the default file name) or
 ``"hf:<name>"`` (needs network and the ``datasets`` package; imported only then).
 """
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2l_integrations.engine.training_data import HELD_OUT_ESSAYS, NEEDLE_QUESTION, FactsTask
+from d2l_integrations.engine.training_data import HELD_OUT_ESSAYS, NEEDLE_QUESTION, SQUAD_TRAIN_TITLES, FactsTask
 
 BENCH_SEED = 7919
 """Seed of everything sampled here; training uses 11 and 1011 (engine/training.py), so streams differ."""
@@ -107,7 +110,10 @@ def _hf_rows(name: str, split: str) -> list[dict]:
     for r in datasets.load_dataset(name, split=split):
         context = r["context"] if "context" in r else f"{r['background']}\n{r['situation']}"
         answers = r["answers"]["text"] if isinstance(r["answers"], Mapping) else r["answers"]
-        rows.append({"id": str(r["id"]), "context": context, "question": r["question"], "answers": list(answers)})
+        row = {"id": str(r["id"]), "context": context, "question": r["question"], "answers": list(answers)}
+        if "title" in r:  # SQuAD: lets evaluation leave out calibration and training articles
+            row["title"] = r["title"]
+        rows.append(row)
     return rows
 
 
@@ -163,6 +169,10 @@ def load_passage_qa(
 CALIBRATION_TITLES = ("Normans", "Geology")
 """SQuAD dev articles benchmarks/calibrate_router.py tunes the router on by default; never evaluated on."""
 
+EVAL_EXCLUDED_TITLES = tuple(dict.fromkeys((*CALIBRATION_TITLES, *SQUAD_TRAIN_TITLES)))
+"""SQuAD dev articles no benchmark task evaluates on: the router's calibration articles and the
+articles the shipped hypernetwork trained on (``training_data.SQUAD_TRAIN_TITLES``)."""
+
 
 def squad(
     version: str = "1.1",
@@ -175,7 +185,8 @@ def squad(
 ) -> Task:
     """SQuAD v1.1 or v2.0 dev: one document per paragraph. v2.0 keeps unanswerable questions (abstain to score).
 
-    ``exclude_titles``: articles the router was calibrated on (left out of evaluation).
+    ``exclude_titles``: articles the router was calibrated on (left out of evaluation). The
+    hypernetwork's training articles (``SQUAD_TRAIN_TITLES``) are always left out as well.
     """
     if version not in ("1.1", "2.0"):
         msg = f"SQuAD version must be '1.1' or '2.0', got {version!r}."
@@ -185,7 +196,8 @@ def squad(
     rows = _rows(source, f"squad/squad_v{version}_dev_open.jsonl")
     name = "squad_v1" if version == "1.1" else "squad_v2"
     instruction = QA_INSTRUCTION if version == "1.1" else SQUAD2_INSTRUCTION
-    return load_passage_qa(name, rows, n_docs=n_docs, per_doc=per_doc, instruction=instruction, seed=seed, exclude_titles=exclude_titles)
+    excluded = tuple(dict.fromkeys((*SQUAD_TRAIN_TITLES, *exclude_titles)))
+    return load_passage_qa(name, rows, n_docs=n_docs, per_doc=per_doc, instruction=instruction, seed=seed, exclude_titles=excluded)
 
 
 def ropes(*, source: str | Path | None = None, n_docs: int = 4, per_doc: int = 1, seed: int = BENCH_SEED) -> Task:
@@ -377,7 +389,8 @@ def load_suite(
 ) -> tuple[list[Task], dict[str, Any]]:
     """The tasks of ``suite`` (optionally only ``tasks``) and the suite's settings.
 
-    ``exclude_titles`` are added to ``CALIBRATION_TITLES`` for the SQuAD tasks.
+    ``exclude_titles`` are added to ``EVAL_EXCLUDED_TITLES`` (calibration and hypernetwork-training
+    articles) for the SQuAD tasks; ``settings["excluded_titles"]`` records the whole list.
     """
     if suite not in SUITES:
         msg = f"Unknown suite {suite!r}. Choose one of {sorted(SUITES)}."
@@ -385,7 +398,7 @@ def load_suite(
     spec = dict(SUITES[suite])
     settings = {"max_chunks_per_doc": spec.pop("max_chunks_per_doc", None), "distill": spec.pop("distill", None)}
     names = [t for t in spec if tasks is None or t in tasks]
-    excluded = tuple(dict.fromkeys((*CALIBRATION_TITLES, *exclude_titles)))
+    excluded = tuple(dict.fromkeys((*EVAL_EXCLUDED_TITLES, *exclude_titles)))
     settings["excluded_titles"] = list(excluded)
     loaded = []
     for t in names:
@@ -397,6 +410,8 @@ def load_suite(
 
 
 __all__ = [
+    "CALIBRATION_TITLES",
+    "EVAL_EXCLUDED_TITLES",
     "SUITES",
     "Question",
     "Task",

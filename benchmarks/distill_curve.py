@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.datasets import EVAL_EXCLUDED_TITLES
 from benchmarks.metrics import contains_answer, f1_score, niah_correct
 from d2l_integrations.engine.apply import use_adapters
 from d2l_integrations.engine.base_model import BaseModel, load_base_model
@@ -91,7 +92,8 @@ def fact_docs(n: int) -> list[dict]:
 
 
 def squad_docs(n: int) -> list[dict]:
-    """SQuAD v1.1 dev paragraphs of 60-160 words; dev = first articles of the file, eval = last ones."""
+    """SQuAD v1.1 dev paragraphs of 60-160 words; dev = first articles of the file, eval = last ones
+    minus ``benchmarks.datasets.EVAL_EXCLUDED_TITLES`` (router calibration, hypernetwork training)."""
     by_para: dict[tuple[str, int], dict] = {}
     for line in open(DATA / "squad" / "squad_v1.1_dev_open.jsonl"):
         r = json.loads(line)
@@ -101,6 +103,8 @@ def squad_docs(n: int) -> list[dict]:
         para["questions"].append((r["question"], r["answers"]))
     titles = list(dict.fromkeys(t for t, _ in by_para))
     chosen_titles = titles[: len(titles) // 2] if split == "dev" else titles[len(titles) // 2:]
+    if split == "eval":  # never report on the router's calibration or the hypernetwork's training articles
+        chosen_titles = [t for t in chosen_titles if t not in EVAL_EXCLUDED_TITLES]
     paras = [p for (t, _), p in by_para.items() if t in chosen_titles and 60 <= len(p["text"].split()) <= 160]
     rng = random.Random(seed)
     rng.shuffle(paras)

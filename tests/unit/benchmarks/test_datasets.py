@@ -52,6 +52,34 @@ def test_squad_leaves_out_calibration_titles(data_root):
     assert len(task.documents) == 3 and all("Apollo" in d for d in task.documents.values())
 
 
+def test_squad_tasks_never_use_hypernetwork_training_titles(data_root):
+    """Every SQuAD task leaves out the articles the shipped hypernetwork trained on, whatever the caller excludes."""
+    from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES
+
+    titles = (*SQUAD_TRAIN_TITLES, *ds.CALIBRATION_TITLES, "Rhine", "Oxygen")
+    rows = [{"id": f"{t}-{i}", "title": t, "context": f"{t} paragraph {i}.", "question": f"What about {t}?", "answers": ["a"]}
+            for t in titles for i in range(2)]
+    for version in ("1.1", "2.0"):
+        path = data_root / "squad" / f"squad_v{version}_dev_open.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    allowed = {"Rhine", "Oxygen"}
+    for exclude in ((), ds.CALIBRATION_TITLES):
+        for version in ("1.1", "2.0"):
+            task = ds.squad(version, n_docs=len(rows), per_doc=2, exclude_titles=exclude)
+            seen = {q.meta["title"] for q in task.questions}
+            # training titles never, whatever the caller passes; calibration titles only when not excluded
+            assert seen == allowed | (set(ds.CALIBRATION_TITLES) - set(exclude))
+    tasks, settings = ds.load_suite("quick", words, tasks=["squad_v1", "squad_v2"])
+    assert set(settings["excluded_titles"]) >= set(SQUAD_TRAIN_TITLES) | set(ds.CALIBRATION_TITLES)
+    big = {k: {**v, "n_docs": len(rows)} for k, v in ds.SUITES["quick"].items() if k.startswith("squad")}
+    for name, kwargs in big.items():
+        task = ds.load_task(name, words, **kwargs, exclude_titles=ds.EVAL_EXCLUDED_TITLES)
+        assert {q.meta["title"] for q in task.questions} == allowed
+    for task in tasks:
+        assert task.questions and {q.meta["title"] for q in task.questions} <= allowed
+        assert all(t not in doc for doc in task.documents.values() for t in (*SQUAD_TRAIN_TITLES, *ds.CALIBRATION_TITLES))
+
+
 def test_missing_data_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("D2L_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="D2L_DATA_DIR"):
