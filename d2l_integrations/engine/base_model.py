@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2l_integrations.engine.atomic import atomic_folder
 from d2l_integrations.engine.config import DEFAULT_BASE_MODEL
 from d2l_integrations.errors import ModelNotFoundError, UnknownTargetModuleError
 
@@ -286,15 +285,6 @@ def _convert_gguf(path: Path, folder: Path, dtype: torch.dtype) -> None:
         # blocks save_pretrained ("The model is quantized with gguf and is not serializable").
         model.hf_quantizer.remove_quantization_config(model)
     model = model.to(dtype)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder, keep_existing=True) as tmp, _quiet_progress():  # another process may win the race: keep its folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -245,3 +245,20 @@ def test_key_mapping_renames_and_reshapes() -> None:
     assert set(ours) == {"perceiver.encoder.latents_q", "layers.0.layers.1.bias", "layers.0.layers.0.bias", "head.weight"}
     assert torch.equal(ours["layers.0.layers.1.bias"], torch.arange(6.0).reshape(2, 3))
     assert ours["head.weight"].shape == (2, 1, 8, 48)
+
+
+def test_atomic_folder_keep_existing_keeps_the_first_writer(tmp_path):
+    from d2l_integrations.engine.atomic import atomic_folder
+
+    target = tmp_path / "cache"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("nested files are synced too")
+    with atomic_folder(target, keep_existing=True) as tmp:  # a second process that lost the race
+        (tmp / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "first" and (target / "sub" / "b.txt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folder left behind
+    with atomic_folder(target) as tmp:  # the default replaces
+        (tmp / "a.txt").write_text("third")
+    assert (target / "a.txt").read_text() == "third" and not (target / "sub").exists()
