@@ -225,7 +225,8 @@ class Tokenizer:
         self.bucket = bucket
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.end_ids = self._ids(tokenizer.eos_token or "")
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, list[int]] = {}  # student prompt ids per question
+        self._renders: dict[str, tuple[str, str]] = {}  # teacher prompt text around the document, per question
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -245,12 +246,11 @@ class Tokenizer:
 
     def _split_render(self, question: str) -> tuple[str, str]:
         """The rendered teacher prompt around the document: (text before it, text after it). Cached."""
-        key = "\x00split\x00" + question
-        if key not in self._cache:
+        if question not in self._renders:
             marker = "\x00DOC\x00"
             head, tail = self._render(marker + "\n\n" + question).split(marker)
-            self._cache[key] = (head, tail)  # type: ignore[assignment]
-        return self._cache[key]  # type: ignore[return-value]
+            self._renders[question] = (head, tail)
+        return self._renders[question]
 
     def teacher_prompt(self, doc: str, question: str) -> tuple[list[int], int]:
         """Ids of the teacher prompt and the length of its prefix through the document."""
