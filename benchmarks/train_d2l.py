@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import logging
 import time
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-n", type=int, default=128)
     p.add_argument("--f1-tasks", default="squad,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
+    p.add_argument("--skip-wrong-teacher", action="store_true",
+                   help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")
+    p.add_argument("--teacher-answers", default=None,
+                   help="teacher_answers.json(.gz) of an earlier run to seed --work with (skips regenerating them)")
     args = p.parse_args(argv)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -101,7 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3}
     tasks = _parse_tasks(args.tasks)
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25)
+                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
+                         skip_wrong_teacher=args.skip_wrong_teacher)
+    cache = Path(args.work) / "teacher_answers.json"
+    if args.teacher_answers and not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        raw = Path(args.teacher_answers).read_bytes()
+        cache.write_bytes(gzip.decompress(raw) if args.teacher_answers.endswith(".gz") else raw)
     trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.work)
     resumed = trainer.maybe_resume()
     print(f"{'resumed at step ' + str(trainer.step) if resumed else 'fresh run from ' + str(args.init)}", flush=True)
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
         folder = export(hyper, out, data_summary=summary, eval_table=compact)
         print(f"exported {folder}", flush=True)
+    if cache.is_file():  # bring the teacher answers back so the next machine need not regenerate them
+        (out / "teacher_answers.json.gz").write_bytes(gzip.compress(cache.read_bytes()))
     if (Path(args.work) / "log.jsonl").is_file():
         (out / "log.jsonl").write_bytes((Path(args.work) / "log.jsonl").read_bytes())
     print(f"total {time.time() - t_start:.1f}s", flush=True)

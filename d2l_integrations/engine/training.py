@@ -93,6 +93,8 @@ class TrainingConfig:
         system_prompt: None keeps the chat template's default.
         teacher_max_new_tokens: length limit of the teacher's own answers (examples with
             ``teacher_response``); they are generated once per (document, question) and cached.
+        skip_wrong_teacher: drop examples whose teacher answer contains none of the gold answers
+            (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -116,6 +118,7 @@ class TrainingConfig:
     eval_size: int = 64
     system_prompt: str | None = None
     teacher_max_new_tokens: int = 40
+    skip_wrong_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
@@ -363,6 +366,7 @@ class DistillationTrainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
         self.step = 0
         self.skipped_rows = 0  # training rows with an empty document, question or response
+        self.wrong_teacher_rows = 0  # rows dropped by ``skip_wrong_teacher``
         self.elapsed_s = 0.0
         self.tokens_seen = 0
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
@@ -514,6 +518,10 @@ class DistillationTrainer:
         rows = self.fill_teacher_responses(self.train_data.batch(self.step, c.batch_size))
         kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
         self.skipped_rows += len(rows) - len(kept)
+        if c.skip_wrong_teacher:
+            right = [e for e in kept if not (e.teacher_response and e.answers and not e.key)]
+            self.wrong_teacher_rows += len(kept) - len(right)
+            kept = right
         if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
             self.step += 1
             return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
@@ -598,7 +606,8 @@ class DistillationTrainer:
                 self.save_state()
         self.elapsed_s += time.time() - t0
         self._log({"step": self.step, "stopped": "deadline" if self.step < stop else "steps", "elapsed_s": round(self.elapsed_s, 1),
-                   "tokens_seen": self.tokens_seen, "skipped_rows": self.skipped_rows}, on_log)
+                   "tokens_seen": self.tokens_seen, "skipped_rows": self.skipped_rows,
+                   "wrong_teacher_rows": self.wrong_teacher_rows}, on_log)
         if self.out_dir is not None:
             self.save_state()
         return {"step": self.step, "elapsed_s": self.elapsed_s, "ema": ema}

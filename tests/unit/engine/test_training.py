@@ -348,3 +348,28 @@ def test_cli_fine_tunes_from_a_checkpoint_folder(tiny_base, tmp_path):
     assert moved  # it trained ...
     for k, v in net.state_dict().items():  # ... starting from the checkpoint's weights (one Adam step of lr 3e-4 moves each by <= ~3e-4)
         assert torch.allclose(v.float(), state["hypernet"][k].float(), atol=2e-3), k
+
+
+def test_skip_wrong_teacher_drops_rows_whose_teacher_answer_misses_the_gold_answer(tiny_base, tmp_path):
+    class Enumerable:
+        name = "qa"
+
+        def teacher_examples(self):
+            return [Example(f"Doc {i}.", f"Question {i}?", "", "", (f"gold{i}",), "qa", teacher_response=True) for i in range(4)]
+
+        def sample(self, rng):
+            return self.teacher_examples()[int(rng.integers(4))]
+
+    def run(skip: bool) -> DistillationTrainer:
+        trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(skip_wrong_teacher=skip, batch_size=8))
+        trainer.train_data = TaskMix([(Enumerable(), 1.0)], seed=0)
+        for i in range(4):  # the teacher "knows" documents 0 and 1 only
+            trainer._teacher_answers[(f"Doc {i}.", f"Question {i}?")] = f"It is gold{i}." if i < 2 else "No idea."
+        trainer.train_step()
+        return trainer
+
+    batch = TaskMix([(Enumerable(), 1.0)], seed=0).batch(0, 8)
+    n_wrong = sum(e.doc in ("Doc 2.", "Doc 3.") for e in batch)
+    assert 0 < n_wrong < 8  # the seed gives a mixed batch, so the test can fail both ways
+    assert run(False).wrong_teacher_rows == 0
+    assert run(True).wrong_teacher_rows == n_wrong
