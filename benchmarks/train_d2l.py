@@ -45,14 +45,18 @@ def _max_new_tokens(task: str) -> int:
     return 24
 
 
-def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict) -> dict:
+def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
+             split: str = "eval") -> dict:
+    """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
+    (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning."""
     table = {}
     for t in tasks:
         t0 = time.time()
-        exs = TaskMix([(make_task(t, split="eval", **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
+        exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]
         res = greedy_eval(trainer, exs, max_new_tokens=_max_new_tokens(t), scorer=f1_score if base_name in f1_tasks else None)
         res["seconds"] = round(time.time() - t0, 1)
+        t = t if split == "eval" else f"{split}:{t}"
         table[t] = res
         print(json.dumps({"eval": t, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
                           "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()}, "samples": res["samples"]}), flush=True)
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
     p.add_argument("--eval-n", type=int, default=128)
+    p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
     p.add_argument("--f1-tasks", default="squad,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval:
         table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
                          task_kwargs=task_kwargs)
+    if args.eval_train:
+        table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
+                              f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train"))
+    if table:
         (out / "eval.json").write_text(json.dumps(table, indent=1))
     if args.export:
         summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
