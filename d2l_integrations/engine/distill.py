@@ -19,6 +19,10 @@ each chunk's gradient (and AdamW state, which is element-wise) is exactly what i
 
 Budget by steps and/or seconds; early stopping on held-out questions of the same chunk.
 
+The teacher reads each chunk once: its prompts share the token prefix through the chunk, which is
+prefilled once and its KV cache reused for every question (``_Teacher``; about 3x less teacher time
+on CPU); ``DistillInternalizer(share_teacher_prefix=False)`` runs every prompt in full.
+
 Interrupts and failures:
     - ``KeyboardInterrupt`` during a multi-chunk call raises ``DistillationInterrupted`` (a
       ``KeyboardInterrupt``) whose ``adapters`` are the chunks finished so far, in order (a prefix
@@ -52,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2l_integrations.engine.base_model import BaseModel
+from d2l_integrations.engine.base_model import BaseModel, cache_kwarg
 from d2l_integrations.engine.config import _from_dict
 from d2l_integrations.engine.internalizer import ProgressCallback, check_chunks
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
@@ -289,12 +293,17 @@ class DistillInternalizer:
 
     Args:
         config: settings (default ``DistillConfig()``).
+        share_teacher_prefix: run the teacher's shared prompt prefix (chat template + chunk) once per
+            chunk and reuse its KV cache for every question (see ``_SharedPrefix``); False re-reads
+            the whole prompt per question (the reference path, same results up to float rounding).
+            An execution detail, so not part of ``config`` and of the settings hash.
     """
 
     name = "distill"
 
-    def __init__(self, config: DistillConfig | None = None) -> None:
+    def __init__(self, config: DistillConfig | None = None, *, share_teacher_prefix: bool = True) -> None:
         self.config = config or DistillConfig()
+        self.share_teacher_prefix = share_teacher_prefix
 
     @property
     def checkpoint_id(self) -> str:
@@ -458,14 +467,18 @@ class DistillInternalizer:
         pieces = self._pieces(base, text, all_questions)
         teacher_prompts = []
         student_prompts = []
+        piece_of: list[int] = []  # which piece each question's teacher prompt holds
         for q in all_questions:
-            piece = next(p for s, e, p in reversed(pieces) if s <= q.offset) if len(pieces) > 1 else pieces[0][2]
-            user = cfg.teacher_template.format(document=piece, question=q.question)
+            piece = next(i for i in reversed(range(len(pieces))) if pieces[i][0] <= q.offset) if len(pieces) > 1 else 0
+            user = cfg.teacher_template.format(document=pieces[piece][2], question=q.question)
             teacher_prompts.append(base.chat_ids([{"role": "user", "content": user}]))
             student_prompts.append(base.chat_ids([{"role": "user", "content": q.question}]))
-        answers = _greedy_answers(base, teacher_prompts, cfg.teacher_max_new_tokens, cfg.teacher_batch_size)
+            piece_of.append(piece)
+        shared_by = piece_of if self.share_teacher_prefix else None  # prompts of one piece share a prefix
+        teacher = _Teacher(base, teacher_prompts, shared_by, cfg.teacher_batch_size)
+        answers = teacher.greedy_answers(cfg.teacher_max_new_tokens)
         eos = base.eos_token_ids[0] if base.eos_token_ids else None
-        examples: list[tuple[int, _Example, list[int]]] = []  # (question index, example, teacher prompt)
+        examples: list[tuple[int, _Example]] = []  # (question index, example)
         for k, q in enumerate(all_questions):
             responses = [answers[k]] if answers[k] else []
             if cfg.include_gold_answers and q.answer:
@@ -474,10 +487,10 @@ class DistillInternalizer:
                 if gold and gold != answers[k]:
                     responses.append(gold)
             for response in responses:
-                examples.append((k, _Example(student_prompts[k], response), teacher_prompts[k]))
+                examples.append((k, _Example(student_prompts[k], response)))
         logprob_dtype = _DTYPES[cfg.teacher_logprob_dtype]
-        logprobs = _response_logprobs(base, [(tp, ex.response_ids) for _, ex, tp in examples], cfg.teacher_batch_size)
-        for (_, ex, _), lp in zip(examples, logprobs, strict=True):
+        logprobs = teacher.response_logprobs([(k, ex.response_ids) for k, ex in examples])
+        for (_, ex), lp in zip(examples, logprobs, strict=True):
             if not torch.isfinite(lp).all():
                 msg = (
                     "The teacher's log-probs are NaN or infinite: the base model itself produces non-finite "
@@ -486,8 +499,8 @@ class DistillInternalizer:
                 raise NonFiniteLossError(msg, [])
             ex.teacher_logprobs = lp.to(logprob_dtype)
         n_train = len(questions.train)
-        train = [ex for k, ex, _ in examples if k < n_train]
-        held_out = [ex for k, ex, _ in examples if k >= n_train]
+        train = [ex for k, ex in examples if k < n_train]
+        held_out = [ex for k, ex in examples if k >= n_train]
         return _ChunkData(
             text=text,
             sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -575,31 +588,180 @@ def _pad_id(base: BaseModel) -> int:
     return int(pad)
 
 
+def _cache_kwarg(module: nn.Module) -> str:
+    """See ``base_model.cache_kwarg``."""
+    return cache_kwarg(module)
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens all ``prompts`` start with, leaving each at least one token of its own (its suffix).
+
+    Taken from the tokenised full prompts, so ``prefix + suffix`` is each prompt token for token:
+    a BPE merge across the chunk/question boundary just ends the prefix earlier.
+    """
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+class _SharedPrefix:
+    """The KV cache of a token prefix that several teacher prompts share, computed once (batch 1).
+
+    Every teacher prompt of a chunk reads the same chat-template head and chunk text before its
+    question, and on CPU that prefill dominates the teacher's cost. Attention is causal, so the
+    prefix's keys/values do not depend on what follows: each batch gets a fresh cache holding them
+    (rows repeated) and runs only its question suffixes, with the same logits as the full prompts up
+    to float rounding.
+
+    Build with ``_SharedPrefix.build``, which returns None where the model's cache is not a plain
+    ``DynamicCache`` (sliding-window or other layer types): the caller then runs full prompts.
+    """
+
+    def __init__(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> None:
+        self.ids = ids
+        self.layers = layers  # per decoder layer: (keys, values), each [1, kv_heads, len(ids), head_dim]
+        self.config = config
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, base: BaseModel, ids: list[int]) -> _SharedPrefix | None:
+        """Prefill ``ids`` once; None where this model's cache layers cannot be shared this way."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        model = base.model
+        cache = DynamicCache(config=model.config)
+        runner = model.get_decoder() if hasattr(model, "get_decoder") else model  # no LM head over the prefix
+        inputs = torch.tensor([ids], dtype=torch.long, device=base.device)
+        runner(input_ids=inputs, use_cache=True, **{_cache_kwarg(runner): cache})
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers) or cache.get_seq_length() != len(ids):
+            logger.debug("teacher KV sharing off for %s: its cache is not plain DynamicCache layers", base.name)
+            return None
+        return cls(ids, [(layer.keys, layer.values) for layer in layers], model.config)
+
+    def cache(self, batch: int) -> Any:
+        """A fresh ``DynamicCache`` holding the prefix for ``batch`` rows (the shared tensors are never written)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i, (keys, values) in enumerate(self.layers):  # update() concatenates: a new tensor, the views stay intact
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
+        return cache
+
+    def inputs(self, model: nn.Module, mask: torch.Tensor) -> dict[str, Any]:
+        """Forward kwargs for suffixes with attention ``mask`` ``[B, T]`` after the prefix: the cache,
+        the mask over prefix + suffix and the suffix positions (``length .. length + T - 1``)."""
+        batch, width = mask.shape
+        full_mask = torch.cat([torch.ones(batch, self.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        positions = torch.arange(self.length, self.length + width, device=mask.device).expand(batch, -1)
+        return {"attention_mask": full_mask, "position_ids": positions, _cache_kwarg(model): self.cache(batch)}
+
+
+class _Teacher:
+    """The frozen base model with the chunk in the prompt: greedy answers and response log-probs.
+
+    Prompts are grouped by the chunk piece they hold (``piece_of``); each group's longest common
+    token prefix (chat template head + piece, see ``_common_prefix_length``) is prefilled once and
+    its prompts run only their own suffixes on copies of that KV cache. ``piece_of=None`` runs every
+    prompt in full (the reference path); so does a group of one prompt, a group without a common
+    prefix, or a model whose cache cannot be shared (``_SharedPrefix.build``).
+
+    Args:
+        base: the frozen base model.
+        prompts: token ids of each teacher prompt.
+        piece_of: the piece each prompt holds (prompts of one piece share a prefix); None: no sharing.
+        batch_size: prompts per generation / scoring batch.
+    """
+
+    def __init__(self, base: BaseModel, prompts: list[list[int]], piece_of: list[int] | None, batch_size: int) -> None:
+        self.base = base
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.groups: list[tuple[list[int], _SharedPrefix | None]] = []
+        if piece_of is None:
+            self.groups.append((list(range(len(prompts))), None))
+            return
+        for piece in sorted(set(piece_of)):
+            members = [i for i, p in enumerate(piece_of) if p == piece]
+            self.groups.append((members, self._prefix([prompts[i] for i in members])))
+
+    def _prefix(self, prompts: list[list[int]]) -> _SharedPrefix | None:
+        if len(prompts) < 2:
+            return None
+        n = _common_prefix_length(prompts)
+        return _SharedPrefix.build(self.base, prompts[0][:n]) if n > 0 else None
+
+    def greedy_answers(self, max_new_tokens: int) -> list[list[int]]:
+        """The teacher's greedy answer to each prompt (see ``_greedy_answers``), in prompt order."""
+        answers: list[list[int]] = [[] for _ in self.prompts]
+        for members, prefix in self.groups:
+            prompts = [self.prompts[i] for i in members]
+            got = _greedy_answers(self.base, prompts, max_new_tokens, self.batch_size, prefix)
+            for i, answer in zip(members, got, strict=True):
+                answers[i] = answer
+        return answers
+
+    def response_logprobs(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """Full-vocab fp32 log-probs of each ``(prompt index, response ids)`` item: ``[R, V]`` each, in order."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        for members, prefix in self.groups:
+            member_set = set(members)
+            which = [j for j, (i, _) in enumerate(items) if i in member_set]
+            if not which:
+                continue
+            pairs = [(self.prompts[items[j][0]], items[j][1]) for j in which]
+            for j, lp in zip(which, _response_logprobs(self.base, pairs, self.batch_size, prefix), strict=True):
+                out[j] = lp
+        return out
+
+
 @torch.no_grad()
-def _greedy_answers(base: BaseModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The teacher's greedy answers, cut after the first end-of-turn token (kept)."""
+def _greedy_answers(
+    base: BaseModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    prefix: _SharedPrefix | None = None,
+) -> list[list[int]]:
+    """The teacher's greedy answers, cut after the first end-of-turn token (kept).
+
+    With ``prefix`` (every prompt starts with ``prefix.ids``) only the suffixes are run, left-padded
+    between the cached prefix and the suffix; ``generate`` takes positions from the attention mask,
+    so each suffix sits right after the prefix as in its full prompt.
+    """
     eos = set(base.eos_token_ids)
     pad = _pad_id(base)
+    skip = prefix.length if prefix is not None else 0
+    suffixes = [p[skip:] for p in prompts]
     answers: list[list[int]] = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    order = sorted(range(len(prompts)), key=lambda i: len(suffixes[i]))  # similar lengths together: less padding
     by_index: dict[int, list[int]] = {}
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        batch = [prompts[i] for i in idx]
+        batch = [suffixes[i] for i in idx]
         width = max(len(p) for p in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, p in enumerate(batch):  # left padding for generation
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
+        cached: dict[str, Any] = {}
+        if prefix is not None:
+            ids = torch.cat([torch.tensor([prefix.ids], dtype=torch.long).expand(len(batch), -1), ids], dim=1)
+            mask = torch.cat([torch.ones((len(batch), prefix.length), dtype=torch.long), mask], dim=1)
+            cached[_cache_kwarg(base.model)] = prefix.cache(len(batch))
         out = base.model.generate(
             input_ids=ids.to(base.device), attention_mask=mask.to(base.device), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-            eos_token_id=list(eos) or None,
+            eos_token_id=list(eos) or None, **cached,
         )
         for r, i in enumerate(idx):
             answer: list[int] = []
-            for token in out[r, width:].tolist():
+            for token in out[r, ids.shape[1]:].tolist():
                 answer.append(int(token))
                 if token in eos:
                     break
@@ -618,29 +780,45 @@ def _response_positions(prompt_lens: list[int], response_lens: list[int], device
     return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
 
 
-def _selected_logits(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Logits at ``(rows, cols)`` only: the LM head runs on the selected hidden states."""
+def _selected_logits(
+    base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    prefix: _SharedPrefix | None = None,
+) -> torch.Tensor:
+    """Logits at ``(rows, cols)`` only: the LM head runs on the selected hidden states.
+
+    With ``prefix``, ``ids``/``mask`` are right-padded suffixes that continue the cached prefix;
+    ``cols`` index the suffixes.
+    """
     model = base.model
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings()
     if decoder is None or head is None:
-        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        extra = prefix.inputs(model, mask) if prefix is not None else {"attention_mask": mask}
+        return model(input_ids=ids, **extra).logits[rows, cols]
+    extra = prefix.inputs(decoder, mask) if prefix is not None else {"attention_mask": mask}
+    hidden = decoder(input_ids=ids, **extra).last_hidden_state  # (B, T, H)
     return head(hidden[rows, cols])  # (M, V)
 
 
 @torch.no_grad()
-def _response_logprobs(base: BaseModel, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> list[torch.Tensor]:
-    """Full-vocab fp32 log-probs of the model on each response given its prompt: ``[R, V]`` each."""
+def _response_logprobs(
+    base: BaseModel, pairs: list[tuple[list[int], list[int]]], batch_size: int, prefix: _SharedPrefix | None = None,
+) -> list[torch.Tensor]:
+    """Full-vocab fp32 log-probs of the model on each response given its prompt: ``[R, V]`` each.
+
+    With ``prefix`` (every prompt starts with ``prefix.ids``) only prompt suffix + response runs.
+    """
     out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     pad = _pad_id(base)
+    skip = prefix.length if prefix is not None else 0
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+        seqs = [pairs[i][0][skip:] + pairs[i][1] for i in idx]
         ids, mask = _pad_right(seqs, pad, base.device)
-        rows, cols = _response_positions([len(pairs[i][0]) for i in idx], [len(pairs[i][1]) for i in idx], base.device)
-        logprobs = torch.log_softmax(_selected_logits(base, ids, mask, rows, cols).float(), dim=-1)
+        prompt_lens = [len(pairs[i][0]) - skip for i in idx]
+        rows, cols = _response_positions(prompt_lens, [len(pairs[i][1]) for i in idx], base.device)
+        logprobs = torch.log_softmax(_selected_logits(base, ids, mask, rows, cols, prefix).float(), dim=-1)
         split = torch.split(logprobs, [len(pairs[i][1]) for i in idx])
         for i, lp in zip(idx, split, strict=True):
             out[i] = lp

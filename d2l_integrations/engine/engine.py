@@ -24,7 +24,7 @@ from typing import Any, Final
 import torch
 
 from d2l_integrations.engine.apply import use_adapters
-from d2l_integrations.engine.base_model import BaseModel, Message, load_base_model
+from d2l_integrations.engine.base_model import BaseModel, Message, cache_kwarg, load_base_model
 from d2l_integrations.engine.config import DEFAULT_BASE_MODEL, GenerationConfig
 from d2l_integrations.engine.lora import LoRAAdapter, compose_adapters
 from d2l_integrations.errors import (
@@ -403,11 +403,12 @@ class D2LEngine:
         first_token_s = 0.0
         prefill_s = 0.0
         cache = DynamicCache(config=model.config)
+        cache_arg = {cache_kwarg(model): cache}
         step_ids, step_pos, step_mask = input_ids, positions, mask
         with use_adapters(model, adapters):
             for step in range(cfg.max_new_tokens):
                 logits = model(
-                    input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache, use_cache=True
+                    input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True, **cache_arg
                 ).logits[:, -1, :].float()
                 if step == 0:
                     prefill_s = time.perf_counter() - t0

@@ -120,3 +120,20 @@ def test_markdown_names_the_checkpoint_and_the_router():
     md = report.markdown(report.summarize(rs, DOCS, {}, PRICES, run))
     assert "internalizer: **hypernetwork** (checkpoint `d2l-abc`)" in md and "no hypernetwork checkpoint" not in md
     assert "answers through `d2l_integrations.routing.router.Router`" in md
+
+
+def test_write_run_without_matplotlib_keeps_the_run(rows, tmp_path, monkeypatch):
+    """A machine without matplotlib (a bare GPU box) still writes rows, summary and tables; rebuild draws the plots."""
+    import sys
+
+    s = report.summarize(rows, DOCS, {}, PRICES, RUN)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    report.write_run(tmp_path, rows, DOCS, s)
+    for name in ("rows.jsonl", "documents.jsonl", "summary.json", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "plots").exists()
+    md = (tmp_path / "results.md").read_text()
+    assert "| full_context | 2 | 1 | 1 | 0 | 0.50 |" in md and "report.rebuild" in md
+    monkeypatch.undo()  # matplotlib importable again
+    report.rebuild(tmp_path)
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4

@@ -62,3 +62,56 @@ def test_calibration_titles_are_parsed():
     cfg = RouterConfig(calibrated_on="squad_v1.1_dev_open titles=['Normans', 'Geology'] paragraphs=12")
     assert run.calibration_titles(cfg) == ["Normans", "Geology"]
     assert run.calibration_titles(RouterConfig()) == []
+
+
+def test_base_and_gguf_flags_reach_run_suite(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_suite(suite, methods, out, **kwargs):
+        seen.update(kwargs)
+        (tmp_path / "results.md").write_text("# table\n")
+        return {"run_dir": str(tmp_path)}
+
+    monkeypatch.setattr(run, "run_suite", fake_run_suite)
+    run.main(["--suite", "quick", "--device", "cuda", "--base", "/root/stage", "--gguf", "smol.gguf", "--out", str(tmp_path)])
+    assert (seen["base_model"], seen["gguf_file"], seen["device"]) == ("/root/stage", "smol.gguf", "cuda")
+    run.main(["--out", str(tmp_path)])
+    assert (seen["base_model"], seen["gguf_file"]) == ("default", None)
+
+
+def test_a_copy_of_the_default_gguf_runs_as_the_default(monkeypatch):
+    """Same sha256 as the shipped checkpoint's base_model_revision: named as its base model, checkpoint loaded."""
+    from dataclasses import dataclass
+
+    from d2l_integrations.engine import base_model as bm
+    from d2l_integrations.engine import engine as eng
+
+    ckpt = eng.shipped_checkpoint_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert ckpt is not None
+    sha = json.loads((ckpt / "config.json").read_text())["hypernetwork"]["base_model_revision"]
+    assert run._shipped_base_for_revision(sha) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert run._shipped_base_for_revision("0" * 64) is None
+    assert run._shipped_base_for_revision(None) is None
+
+    @dataclass
+    class FakeBase:
+        name: str
+        revision: str | None
+
+    calls = {}
+
+    def fake_load(name_or_path, *, device=None, gguf_file=None):
+        calls["load"] = (name_or_path, device, gguf_file)
+        return FakeBase(f"{name_or_path}/{gguf_file}", sha if gguf_file == "smol.gguf" else "f" * 64)
+
+    monkeypatch.setattr(bm, "load_base_model", fake_load)
+    monkeypatch.setattr(eng, "_load_hypernetwork", lambda path, base: ("hyper", path, base.name))
+    engine = run.build_engine("/root/stage", "smol.gguf", device="cuda")
+    assert calls["load"] == ("/root/stage", "cuda", "smol.gguf")
+    assert engine.base.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert engine.hypernetwork == ("hyper", ckpt, "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+    other = run.build_engine("/models", "other.gguf", device="cpu", distill={"max_steps": 3})
+    assert other.base.name == "/models/other.gguf"
+    assert other.hypernetwork is None
+    assert other._distill_config.max_steps == 3

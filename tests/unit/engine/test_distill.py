@@ -18,7 +18,9 @@ from d2l_integrations.engine.distill import (
     DistillConfig,
     DistillInternalizer,
     NonFiniteLossError,
+    _common_prefix_length,
     _RowLoRA,
+    _Teacher,
 )
 from d2l_integrations.engine.internalizer import Internalizer
 from d2l_integrations.errors import ConfigError, InternalizationError, InvalidDocumentError
@@ -262,3 +264,69 @@ def test_snapshots_are_taken_at_requested_steps(base: BaseModel) -> None:
     name = "model.layers.0.mlp.down_proj"
     assert not torch.equal(a1.weights[name].lora_B, a3.weights[name].lora_B)
     torch.testing.assert_close(a3.weights[name].lora_B, result.adapter.weights[name].lora_B)
+
+
+# ------------------------------------------------------------------ teacher KV sharing
+_QUESTIONS = [
+    "What is the special magic number?",
+    "Who?",
+    "Where was Mira Kellan born, and in which year was that?",
+    "The magic number is ____.",
+    "Year 1984",
+]
+
+
+def _bpe_base() -> BaseModel:
+    from tests.tiny_models import make_tiny_base
+
+    return make_tiny_base(max_positions=1024)  # a BPE tokenizer with merges, unlike the byte-level one above
+
+
+def test_common_prefix_leaves_every_prompt_a_suffix() -> None:
+    assert _common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # equal prompts: the last token is run as the suffix
+    assert _common_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_shared_prefix_teacher_equals_full_prompts(base: BaseModel, tokenizer: str) -> None:
+    """KV-shared teacher == full-prompt teacher: same greedy answers, same log-probs (fp32), for
+    questions of different lengths in padded batches (batch_size 2 of 5 prompts)."""
+    model = base if tokenizer == "byte" else _bpe_base()
+    prompts = [model.chat_ids([{"role": "user", "content": f"{DOC_A}\n\n{q}"}]) for q in _QUESTIONS]
+    shared = _Teacher(model, prompts, [0] * len(prompts), batch_size=2)
+    full = _Teacher(model, prompts, None, batch_size=2)
+    [(_, prefix)] = shared.groups
+    assert prefix is not None and prefix.length > model.count_tokens(DOC_A), "the prefix should hold the whole chunk"
+    assert all(p[:prefix.length] == prefix.ids for p in prompts)
+
+    answers = shared.greedy_answers(6)
+    assert answers == full.greedy_answers(6)
+    assert len({len(p) - prefix.length for p in prompts}) >= 4  # suffixes of different lengths: padded batches
+
+    gold = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["4821", "Ostravel in 1984", "M"]]
+    items = [(k, a) for k, a in enumerate(answers) if a] + [(0, gold[0]), (2, gold[1]), (4, gold[2])]
+    for got, want in zip(shared.response_logprobs(items), full.response_logprobs(items), strict=True):
+        assert got.shape == want.shape == (len(want), len(model.tokenizer))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one_piece", "split_chunk"])
+def test_prepared_chunk_is_the_same_with_and_without_kv_sharing(base: BaseModel, case: str) -> None:
+    """The whole teacher phase (questions, answers, log-probs, held-out split) of a chunk, also one
+    split into pieces (a shared prefix per piece), matches the full-prompt path."""
+    if case == "one_piece":
+        model, doc = base, DOC_A
+    else:
+        model = _tiny_base(max_positions=400)
+        colors = ["red", "blue", "green", "grey"] * 5
+        doc = " ".join(f"Item {i} of the list is a {c} box." for i, c in enumerate(colors))
+    cfg = _config(max_questions=12, teacher_batch_size=3)
+    shared = DistillInternalizer(cfg)._prepare_chunk(model, doc, None)
+    full = DistillInternalizer(cfg, share_teacher_prefix=False)._prepare_chunk(model, doc, None)
+    assert shared.num_pieces == full.num_pieces and (shared.num_pieces > 1) == (case == "split_chunk")
+    for got_list, want_list in ((shared.train, full.train), (shared.held_out, full.held_out)):
+        assert len(got_list) == len(want_list)
+        for got, want in zip(got_list, want_list, strict=True):
+            assert got.student_ids == want.student_ids and got.response_ids == want.response_ids
+            torch.testing.assert_close(got.teacher_logprobs, want.teacher_logprobs, atol=1e-5, rtol=1e-5)

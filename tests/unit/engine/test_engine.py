@@ -198,3 +198,35 @@ def test_interleaved_streams_keep_their_own_adapters(engine):
             except StopIteration:
                 del live[name]
     assert "".join(got_a) == expected_a and "".join(got_b) == expected_b
+
+
+def test_cached_greedy_decoding_equals_recomputing_the_whole_sequence(engine):
+    """The decoder's KV cache must be used: a cache passed under the wrong keyword (transformers
+    renamed ``past_key_values`` to ``cache``) is swallowed by ``**kwargs`` and every step after
+    the first then sees only its last token."""
+    adapter = random_adapter(engine.base, 3)
+    got = engine.generate(USER, adapters=adapter, max_new_tokens=10)
+    ids = list(engine.base.chat_ids(USER))
+    want = []
+    from d2l_integrations.engine.apply import use_adapters
+
+    with torch.no_grad(), use_adapters(engine.base.model, [adapter]):
+        for _ in range(len(got.token_ids)):
+            logits = engine.base.model(input_ids=torch.tensor([ids + want]), use_cache=False).logits[0, -1]
+            want.append(int(logits.argmax()))
+    assert list(got.token_ids) == want
+
+
+def test_cache_kwarg_follows_the_forward_signature():
+    from d2l_integrations.engine.base_model import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert cache_kwarg(New()) == "cache"
