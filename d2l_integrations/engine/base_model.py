@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -99,8 +100,6 @@ def cache_kwarg(module: nn.Module) -> str:
     """Name of ``module.forward``'s KV-cache argument: ``cache`` (newer transformers 5.x) or
     ``past_key_values`` (earlier ones). Passing the wrong name is silently swallowed by ``**kwargs``
     and every decoding step then runs without the cache (garbage after the first token)."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 @dataclass

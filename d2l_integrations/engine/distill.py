@@ -588,11 +588,6 @@ def _pad_id(base: BaseModel) -> int:
     return int(pad)
 
 
-def _cache_kwarg(module: nn.Module) -> str:
-    """See ``base_model.cache_kwarg``."""
-    return cache_kwarg(module)
-
-
 def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """Tokens all ``prompts`` start with, leaving each at least one token of its own (its suffix).
 
@@ -639,7 +634,7 @@ class _SharedPrefix:
         cache = DynamicCache(config=model.config)
         runner = model.get_decoder() if hasattr(model, "get_decoder") else model  # no LM head over the prefix
         inputs = torch.tensor([ids], dtype=torch.long, device=base.device)
-        runner(input_ids=inputs, use_cache=True, **{_cache_kwarg(runner): cache})
+        runner(input_ids=inputs, use_cache=True, **{cache_kwarg(runner): cache})
         layers = getattr(cache, "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers) or cache.get_seq_length() != len(ids):
             logger.debug("teacher KV sharing off for %s: its cache is not plain DynamicCache layers", base.name)
@@ -661,7 +656,7 @@ class _SharedPrefix:
         batch, width = mask.shape
         full_mask = torch.cat([torch.ones(batch, self.length, dtype=mask.dtype, device=mask.device), mask], dim=1)
         positions = torch.arange(self.length, self.length + width, device=mask.device).expand(batch, -1)
-        return {"attention_mask": full_mask, "position_ids": positions, _cache_kwarg(model): self.cache(batch)}
+        return {"attention_mask": full_mask, "position_ids": positions, cache_kwarg(model): self.cache(batch)}
 
 
 class _Teacher:
@@ -753,7 +748,7 @@ def _greedy_answers(
         if prefix is not None:
             ids = torch.cat([torch.tensor([prefix.ids], dtype=torch.long).expand(len(batch), -1), ids], dim=1)
             mask = torch.cat([torch.ones((len(batch), prefix.length), dtype=torch.long), mask], dim=1)
-            cached[_cache_kwarg(base.model)] = prefix.cache(len(batch))
+            cached[cache_kwarg(base.model)] = prefix.cache(len(batch))
         out = base.model.generate(
             input_ids=ids.to(base.device), attention_mask=mask.to(base.device), max_new_tokens=max_new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
