@@ -635,6 +635,7 @@ class DistillationTrainer:
         tmp = path.with_suffix(".tmp")
         torch.save({"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                     "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen, "identity": self._identity(),
+                    "skipped_rows": self.skipped_rows, "wrong_teacher_rows": self.wrong_teacher_rows,
                     "training_config": self.config.to_dict()}, tmp)
         os.replace(tmp, path)
         return path
@@ -653,6 +654,8 @@ class DistillationTrainer:
         self.hypernet.load_state_dict(state["hypernet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        self.skipped_rows = state.get("skipped_rows", 0)  # states saved before these counters existed: start at 0
+        self.wrong_teacher_rows = state.get("wrong_teacher_rows", 0)
         return True
 
 

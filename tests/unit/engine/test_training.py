@@ -372,4 +372,9 @@ def test_skip_wrong_teacher_drops_rows_whose_teacher_answer_misses_the_gold_answ
     n_wrong = sum(e.doc in ("Doc 2.", "Doc 3.") for e in batch)
     assert 0 < n_wrong < 8  # the seed gives a mixed batch, so the test can fail both ways
     assert run(False).wrong_teacher_rows == 0
-    assert run(True).wrong_teacher_rows == n_wrong
+    skipping = run(True)
+    assert skipping.wrong_teacher_rows == n_wrong
+    skipping.out_dir = tmp_path  # the counter survives a resume
+    skipping.save_state()
+    again = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(skip_wrong_teacher=True, batch_size=8), out_dir=tmp_path)
+    assert again.maybe_resume() and again.wrong_teacher_rows == n_wrong
