@@ -271,18 +271,19 @@ def build_engine(base_model: str = base, gguf_file: str | None = gguf, *, device
 
 def _shipped_base_for_revision(revision: str | None) -> str | None:
     """The ``base_model`` of a shipped checkpoint trained on weights with this sha256, or None."""
+    from d2l_integrations.engine.checkpoint import read_checkpoint_config
     from d2l_integrations.engine.engine import SHIPPED_CHECKPOINTS
+    from d2l_integrations.errors import D2LError
 
     if not revision or not SHIPPED_CHECKPOINTS.is_dir():
         return None
-    for config in sorted(SHIPPED_CHECKPOINTS.glob("*/config.json")):
+    for folder in sorted(p.parent for p in SHIPPED_CHECKPOINTS.glob("*/config.json")):
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            config, _ = read_checkpoint_config(folder)
+        except (D2LError, OSError, ValueError):
             continue
-        hyper = data.get("hypernetwork", data)
-        if hyper.get("base_model_revision") == revision and hyper.get("base_model"):
-            return str(hyper["base_model"])
+        if config.base_model_revision == revision and config.base_model:
+            return config.base_model
     return None
 
 
