@@ -12,6 +12,8 @@ Tasks (``make_task(name, ...)``):
   ``none`` is the needle sentence alone (rung 2 of the capacity ladder).
 - ``facts``: a short biography of a made-up person with five made-up facts; one question per fact.
 - ``cloze``: a passage of WikiText-2 with one number or capitalised word blanked in a sentence.
+- ``text``: a passage of a large pooled natural-text corpus (WikiText-2, essays, Sherlock Holmes,
+  SQuAD training paragraphs) asked about with a short cue, so that memorising does not answer it.
 
 Splits are disjoint by source: essays are split by id (the last ``HELD_OUT_ESSAYS`` sorted ids
 are held out), cloze trains on WikiText-2 ``valid`` articles and evaluates on ``test`` articles,
@@ -23,13 +25,13 @@ Only numpy and the standard library are used: this module travels to the GPU mac
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import json
 import os
 import re
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +255,163 @@ class ClozeTask:
             blanked = chosen[j][: m.start()] + "___" + chosen[j][m.end():]
             question = f"Fill in the blank with the word or number from the text: {blanked}"
             return Example(" ".join(chosen), question, m.group(0), m.group(0), (m.group(0),), self.name)
+
+
+# ----------------------------------------------------------------------------------- text (short-cue)
+def _read_text(path: Path) -> str:
+    """``path`` as text, or ``path`` + ``.gz`` when only the compressed file exists."""
+    if not path.is_file() and path.with_name(path.name + ".gz").is_file():
+        with gzip.open(path.with_name(path.name + ".gz"), "rt", encoding="utf-8") as fh:
+            return fh.read()
+    return path.read_text(encoding="utf-8")
+
+
+def _gutenberg_body(text: str) -> str:
+    """The text between Project Gutenberg's ``*** START OF`` and ``*** END OF`` markers."""
+    start = re.search(r"\*\*\* ?START OF[^\n]*\n", text)
+    end = re.search(r"\n[^\n]*\*\*\* ?END OF", text)
+    return text[start.end() if start else 0:end.start() if end else len(text)]
+
+
+def _wikitext_clean(text: str) -> list[str]:
+    """WikiText-2's tokenised article as sentences: headings and ``<unk>`` sentences dropped."""
+    out: list[str] = []
+    for para in text.split("\n"):
+        para = para.strip()
+        if not para or para.startswith("="):
+            continue
+        para = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" ,", ",").replace(" .", ".")
+        out.extend(s for s in _sentences(para) if "<unk>" not in s)
+    return out
+
+
+TEXT_EVAL_FRACTION = 0.15
+"""Share of the Sherlock Holmes book (its end) held out for the ``text`` task's evaluation."""
+
+
+def text_corpus(split: str, root: Path | None = None) -> list[list[str]]:
+    """Documents (each a list of sentences) of the ``text`` task, disjoint between splits.
+
+    ``train``: WikiText-2 ``valid`` articles, the training essays, the first 85 % of Sherlock Holmes,
+    the Gutenberg sample and the SQuAD paragraphs of ``SQUAD_TRAIN_TITLES``. ``eval``: WikiText-2
+    ``test`` articles, the ``HELD_OUT_ESSAYS`` held-out essays and the last 15 % of Sherlock Holmes.
+    A missing source is skipped; a split with no source at all raises ``FileNotFoundError``.
+    """
+    root = root or data_dir()
+    docs: list[list[str]] = []
+    found = 0
+
+    def add(fn):  # noqa: ANN001, ANN202
+        nonlocal found
+        try:
+            got = fn()
+        except FileNotFoundError:
+            return
+        found += 1
+        docs.extend(d for d in got if len(d) >= 3)
+
+    wt = "valid_articles.jsonl" if split == "train" else "test_articles.jsonl"
+    add(lambda: [_wikitext_clean(r["text"]) for r in _read_jsonl(root / "wikitext2" / wt)])
+
+    def essays():  # noqa: ANN202
+        rows = sorted(_read_jsonl(root / "needle_haystack" / "paul_graham_essays.jsonl"), key=lambda r: r["id"])
+        rows = rows[:-HELD_OUT_ESSAYS] if split == "train" else rows[-HELD_OUT_ESSAYS:]
+        return [_sentences(re.sub(r"(?<=[a-z][.!?])(?=[A-Z])", " ", r["text"])) for r in rows]  # "accelerating.We"
+    add(essays)
+
+    def sherlock():  # noqa: ANN202
+        sents = _sentences(_gutenberg_body(_read_text(root / "plain_texts" / "sherlock_holmes_pg1661.txt")))
+        cut = int(len(sents) * (1 - TEXT_EVAL_FRACTION))
+        part = sents[:cut] if split == "train" else sents[cut:]
+        return [part[i:i + 200] for i in range(0, len(part), 200)]  # 200-sentence "documents"
+    add(sherlock)
+
+    if split == "train":
+        add(lambda: [_sentences(_gutenberg_body(_read_text(root / "plain_texts" / "doc_to_lora_gutenburg_sample.txt")))])
+
+        def squad():  # noqa: ANN202
+            keep = set(SQUAD_TRAIN_TITLES)
+            paras = {(r["title"], int(r["para_index"])): r["context"]
+                     for r in _read_jsonl(root / "squad" / "squad_v1.1_dev_open.jsonl") if r["title"] in keep}
+            return [_sentences(paras[k]) for k in sorted(paras)]
+        add(squad)
+    if not found:
+        msg = f"No source of the 'text' task was found under {root}. Set D2L_DATA_DIR to the data folder (see ../shared/data)."
+        raise FileNotFoundError(msg)
+    return docs
+
+
+_TEXT_SPAN_KINDS = ("date", "number", "name", "noun_phrase")
+_TEXT_SUBJECT_OPENERS = frozenset(("The", "A", "An", "His", "Her", "Its", "Their", "This", "That"))
+_TEXT_NOT_SUBJECT = frozenset("and but or so then yet it he she they we you i there here what which who how why when where if".split())
+
+
+class TextTask:
+    """Natural text from a corpus too large to memorise, asked with a *short* cue.
+
+    A passage is ``min_tokens``..``max_tokens`` nominal tokens of consecutive sentences of one
+    document of ``text_corpus(split)``. One date, number, name or noun phrase of one of its
+    sentences is asked for, quoting only a few words around it (3-8 before, at most 3 after), so
+    the question alone cannot identify its sentence in the corpus: memorising the training text
+    does not answer it, reading the passage does. (``cloze`` quotes the whole sentence, and the
+    hypernetwork learned its ~60 training articles instead of reading.) Where the sentence is
+    ``"<subject> is/was <object>."`` the question is sometimes ``"What was <subject>?"``.
+    The response is the gold span (KL to the teacher reading the passage, CE on the span).
+    """
+
+    name = "text"
+
+    def __init__(self, *, split: str = "train", min_tokens: int = 64, max_tokens: int = 256, root: Path | None = None) -> None:
+        self._docs = text_corpus(split, root)
+        sizes = np.asarray([len(d) for d in self._docs], dtype=np.float64)
+        self._p = sizes / sizes.sum()  # every sentence of the corpus is equally likely to start a passage
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def _question(self, sentence: str, rng: np.random.Generator) -> tuple[str, str] | None:
+        from d2l_integrations.engine.questions import _copula_question, find_spans  # stdlib only
+
+        if rng.random() < 0.25:
+            cop = _copula_question(sentence)
+            first = sentence.split()[0]
+            if (cop is not None and 1 <= len(cop[1].split()) <= 5
+                    and (first in _TEXT_SUBJECT_OPENERS or (first[:1].isupper() and first.lower() not in _TEXT_NOT_SUBJECT))):
+                return cop[0], cop[1].rstrip(",;:")
+        spans = [s for s in find_spans(sentence) if s.kind in _TEXT_SPAN_KINDS and s.start > 0]
+        if not spans:
+            return None
+        span = spans[int(rng.integers(len(spans)))]
+        answer = sentence[span.start:span.end].rstrip(",;:")
+        head, tail = sentence[:span.start], sentence[span.start + len(answer):]
+        starts = [m.start() for m in re.finditer(r"\S+", head)]
+        k = int(rng.integers(3, 9))
+        if len(starts) < 3 or not answer:
+            return None
+        before = head[starts[-k] if len(starts) >= k else starts[0]:]
+        ends = [m.end() for m in re.finditer(r"\S+", tail)]
+        m_after = int(rng.integers(0, 4))
+        after = tail[:ends[min(m_after, len(ends)) - 1]] if m_after and ends else ""
+        if answer.lower() in (before + after).lower():
+            return None
+        return f'Fill in the blank with the words from the text: "... {before}___{after} ..."', answer
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        while True:
+            sents = self._docs[int(rng.choice(len(self._docs), p=self._p))]
+            target = int(rng.integers(self.min_tokens, self.max_tokens + 1) * CHARS_PER_TOKEN)
+            start = int(rng.integers(len(sents)))
+            chosen: list[str] = []
+            for s in sents[start:]:
+                if chosen and sum(len(c) + 1 for c in chosen) + len(s) > target:
+                    break
+                chosen.append(s)
+            if sum(len(c) + 1 for c in chosen) < target // 3:  # the document ended: too short to ask about
+                continue
+            j = int(rng.integers(len(chosen)))
+            qa = self._question(chosen[j], rng)
+            if qa is None:
+                continue
+            question, answer = qa
+            return Example(" ".join(chosen), question, answer, answer, (answer,), self.name)
 
 
 # ------------------------------------------------------------------------------- varied facts
@@ -480,7 +639,7 @@ class ChunkedTask:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``squad``.
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``squad``.
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
@@ -516,10 +675,12 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsBioTask()
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
+    if name == "text":
+        return TextTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name == "squad":
         return SquadTask(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, squad.")
+           "facts_varied, facts_bio, cloze, text, squad.")
     raise ValueError(msg)
 
 

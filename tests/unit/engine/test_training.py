@@ -378,3 +378,25 @@ def test_skip_wrong_teacher_drops_rows_whose_teacher_answer_misses_the_gold_answ
     skipping.save_state()
     again = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(skip_wrong_teacher=True, batch_size=8), out_dir=tmp_path)
     assert again.maybe_resume() and again.wrong_teacher_rows == n_wrong
+
+
+def test_text_task_asks_with_a_short_cue_from_disjoint_corpora():
+    from d2l_integrations.engine.training_data import TextTask, make_task, text_corpus
+
+    try:
+        train, held = text_corpus("train"), text_corpus("eval")
+    except FileNotFoundError:
+        pytest.skip("text corpora not available")
+    train_sents = {s for d in train for s in d if len(s) > 40}  # short ones ("J.", "The film is presumed lost.") recur
+    assert not train_sents & {s for d in held for s in d if len(s) > 40}
+    assert sum(len(s) for d in train for s in d) > 1_000_000  # far more text than WikiText-2 valid alone
+    task, rng = TextTask(split="eval"), np.random.default_rng(0)
+    for _ in range(50):
+        ex = task.sample(rng)
+        assert ex.response == ex.key and ex.answers == (ex.key,) and ex.key in ex.doc
+        if "___" in ex.question:
+            cue = ex.question.split('"... ', 1)[1].rsplit(' ..."', 1)[0]
+            before, after = cue.split("___")
+            assert 3 <= len(before.split()) <= 8 and len(after.split()) <= 3
+            assert cue.replace("___", ex.key) in ex.doc  # the blank restores a piece of the passage
+    assert make_task("text/1-3+d1").name == "text/1-3+d1"
