@@ -69,6 +69,13 @@ def _our_version() -> str:
 # ----------------------------------------------------------------------------- our format
 
 
+def _preference(value: Any) -> bool | dict[str, bool]:
+    """``prefer_over_distill`` as stored: a bool, or ``{device type: bool}``."""
+    if isinstance(value, Mapping):
+        return {str(k): bool(v) for k, v in value.items()}
+    return bool(value)
+
+
 def compute_checkpoint_id(state_dict: Mapping[str, torch.Tensor], config: HypernetworkConfig) -> str:
     """``d2l-`` + 16 hex digits of the sha256 over the architecture and every tensor (name, dtype, shape, bytes)."""
     h = hashlib.sha256()
@@ -88,7 +95,7 @@ def save_checkpoint(
     data_summary: Mapping[str, Any] | None = None,
     eval_table: Any = None,
     source: str | None = None,
-    prefer_over_distill: bool = False,
+    prefer_over_distill: bool | Mapping[str, bool] = False,
     overwrite: bool = False,
 ) -> Path:
     """Write ``hypernetwork.safetensors`` + ``config.json`` atomically into ``directory``.
@@ -100,7 +107,9 @@ def save_checkpoint(
         eval_table: evaluation results (JSON-serialisable), for the record.
         source: where the weights came from (e.g. the imported file), for the record.
         prefer_over_distill: held-out evals showed it beats gradient distillation, so
-            ``D2LEngine.internalizer("auto")`` picks it.
+            ``D2LEngine.internalizer("auto")`` picks it. A mapping decides per device type
+            (``{"cpu": True, "cuda": False}``), since distillation's default settings and cost
+            differ by device (``DistillConfig.for_device``); a missing device type means False.
         overwrite: replace an existing non-empty folder.
 
     Returns:
@@ -124,7 +133,7 @@ def save_checkpoint(
             "data_summary": dict(data_summary) if data_summary is not None else None,
             "eval": eval_table,
             "source": source,
-            "prefer_over_distill": bool(prefer_over_distill),
+            "prefer_over_distill": _preference(prefer_over_distill),
             "d2l_integrations_version": _our_version(),
         },
     }
@@ -212,7 +221,7 @@ def load_internalizer(
         hypernetwork = load_checkpoint(path, base, allow_other_base=allow_other_base)
         metadata = read_checkpoint_config(path)[1]
     internalizer = HypernetworkInternalizer(hypernetwork.to(base.device), max_batch_size=max_batch_size)
-    internalizer.prefer_over_distill = bool(metadata.get("prefer_over_distill", False))
+    internalizer.prefer_over_distill = _preference(metadata.get("prefer_over_distill", False))
     internalizer.metadata = metadata
     return internalizer
 

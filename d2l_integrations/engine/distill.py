@@ -202,6 +202,26 @@ class DistillConfig:
         """Inverse of ``to_dict``; unknown keys are dropped with a warning."""
         return _from_dict(cls, data)
 
+    @classmethod
+    def gpu(cls, **overrides: Any) -> DistillConfig:
+        """The GPU preset: rank 32, alpha 64, 40 questions, 320 steps, 16 chunks per batch, no early stop.
+
+        Chosen on dev documents (``benchmarks/results/distill_curve/dev-gpu-f16-*``) and measured once
+        on eval documents (SmolLM2-135M-Instruct, one H200; ``training_log.md``, session 4): needles
+        8/8, made-up facts 45 % of full context (``eval-gpu-f16-r32``, 4.7 s per chunk), SQuAD
+        paragraphs 76 % of full-context token F1 (16 paragraphs, ``eval-gpu-squad16-r32``, 4.6 s per
+        chunk; 74 % at 160 steps on 48 paragraphs). The CPU defaults (rank 8, 40 steps) reach 52 % on
+        the same 16 paragraphs (``eval-gpu-squad16-r8``). ``overrides`` replace preset fields.
+        """
+        preset: dict[str, Any] = {"rank": 32, "alpha": 64.0, "max_questions": 40, "max_steps": 320,
+                                  "chunks_per_batch": 16, "patience": 0}
+        return cls(**{**preset, **overrides})
+
+    @classmethod
+    def for_device(cls, device: Any) -> DistillConfig:
+        """``gpu()`` on a CUDA device, the CPU defaults elsewhere."""
+        return cls.gpu() if getattr(device, "type", str(device)).startswith("cuda") else cls()
+
     def settings_hash(self) -> str:
         """Short sha256 of the settings: adapters made with other settings get other store keys."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -95,7 +95,8 @@ class D2LEngine:
     Args:
         base: the frozen base model.
         hypernetwork: a trained hypernetwork internalizer for ``base`` (None when no checkpoint exists).
-        distill_config: settings of the gradient (context-distillation) internalizer.
+        distill_config: settings of the gradient (context-distillation) internalizer; default
+            ``DistillConfig.for_device(base.device)`` (the measured GPU preset on CUDA, the CPU defaults elsewhere).
     """
 
     def __init__(self, base: BaseModel, hypernetwork: Any | None = None, *, distill_config: Any | None = None) -> None:
@@ -150,7 +151,8 @@ class D2LEngine:
         """The internalizer for ``method``: ``auto``, ``hypernetwork`` or ``distill``.
 
         ``auto`` picks the hypernetwork only when a checkpoint is loaded and its recorded held-out
-        quality beats the distill path (``prefer_over_distill`` in its metadata); otherwise distill.
+        quality beats the distill path on this device type (``prefer_over_distill`` in its metadata,
+        a bool or ``{"cpu": ..., "cuda": ...}``); otherwise distill.
         """
         if method not in METHODS:
             msg = f"Unknown internalization method {method!r}. Choose one of {list(METHODS)}."
@@ -168,13 +170,16 @@ class D2LEngine:
             if self._distill is None:
                 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
 
-                self._distill = DistillInternalizer(self._distill_config or DistillConfig())
+                self._distill = DistillInternalizer(self._distill_config or DistillConfig.for_device(self.base.device))
             return self._distill
 
     def _hypernetwork_preferred(self) -> bool:
         if self.hypernetwork is None:
             return False
-        return bool(getattr(self.hypernetwork, "prefer_over_distill", False))
+        preferred = getattr(self.hypernetwork, "prefer_over_distill", False)
+        if isinstance(preferred, Mapping):  # per device type: distill's settings and cost differ by device
+            return bool(preferred.get(self.base.device.type, False))
+        return bool(preferred)
 
     def chunk(self, text: str, *, chunk_tokens: int | None = None, overlap_tokens: int = 0) -> list[str]:
         """Split ``text`` into chunks of at most ``chunk_tokens`` tokens (exact substrings of ``text``).

@@ -97,6 +97,8 @@ def test_load_internalizer_reads_the_metadata(tmp_path: Path, net: Hypernetwork,
     document = json.loads((folder / CONFIG_NAME).read_text())
     assert document["hypernetwork"]["base_model"] == "tiny"  # what D2LEngine's shipped-checkpoint lookup reads
     assert not load_internalizer(save_checkpoint(net, tmp_path / "other"), base).prefer_over_distill
+    per_device = save_checkpoint(net, tmp_path / "per_device", prefer_over_distill={"cpu": True, "cuda": False})
+    assert load_internalizer(per_device, base).prefer_over_distill == {"cpu": True, "cuda": False}
 
 
 def test_checkpoint_id_follows_the_weights(net: Hypernetwork) -> None:

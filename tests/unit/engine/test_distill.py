@@ -108,6 +108,16 @@ def test_config_round_trips_and_rejects_bad_budgets() -> None:
     assert DistillConfig(max_steps=None, max_seconds=5.0).max_seconds == 5.0
 
 
+def test_gpu_preset_and_device_choice() -> None:
+    gpu = DistillConfig.gpu()
+    assert (gpu.rank, gpu.alpha, gpu.max_questions, gpu.max_steps, gpu.chunks_per_batch, gpu.patience) == (32, 64.0, 40, 320, 16, 0)
+    assert DistillConfig.gpu(max_steps=160).max_steps == 160 and DistillConfig.gpu(max_steps=160).rank == 32
+    assert DistillConfig.for_device(torch.device("cuda", 0)) == gpu
+    assert DistillConfig.for_device("cuda") == gpu
+    assert DistillConfig.for_device(torch.device("cpu")) == DistillConfig()
+    assert DistillConfig.for_device("mps") == DistillConfig()
+
+
 def test_loss_goes_down_on_a_fixed_batch(base: BaseModel) -> None:
     # batch_size above the number of examples: every step sees the same full set, so first and
     # last training KL are comparable.

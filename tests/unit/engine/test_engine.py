@@ -230,3 +230,24 @@ def test_cache_kwarg_follows_the_forward_signature():
 
     assert cache_kwarg(Old()) == "past_key_values"
     assert cache_kwarg(New()) == "cache"
+
+
+def test_distill_settings_follow_the_device_unless_given(tiny_base):
+    from d2l_integrations.engine.distill import DistillConfig
+
+    assert D2LEngine(tiny_base).internalizer("distill").config == DistillConfig.for_device(tiny_base.device)
+    mine = DistillConfig(rank=4)
+    assert D2LEngine(tiny_base, distill_config=mine).internalizer("distill").config is mine
+
+
+@pytest.mark.parametrize(("preference", "expected"), [
+    (True, "hypernetwork"), (False, "distill"), ({"cpu": True, "cuda": False}, "hypernetwork"),
+    ({"cpu": False, "cuda": True}, "distill"), ({"cuda": True}, "distill"),
+])
+def test_auto_follows_the_checkpoints_preference_for_this_device(tiny_base, preference, expected):
+    from tests.tiny_models import SeededInternalizer
+
+    net = SeededInternalizer()
+    net.prefer_over_distill = preference
+    assert tiny_base.device.type == "cpu"
+    assert D2LEngine(tiny_base, net).internalizer("auto").name == expected
