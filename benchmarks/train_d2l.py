@@ -31,7 +31,7 @@ import torch
 from benchmarks.metrics import f1_score
 from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
 from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, _parse_tasks, greedy_eval
-from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task
+from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
 EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
 PART_BYTES = 15 * 2**20
@@ -50,7 +50,7 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
     (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning."""
     table = {}
-    for t in tasks:
+    for t in (one_question_per_document(name) for name in tasks):
         t0 = time.time()
         exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2l_integrations.engine.training_data import Example, TaskMix, make_task
+from d2l_integrations.engine.training_data import Example, TaskMix, make_task, one_question_per_document
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,8 @@ class DistillationTrainer:
             self._default_features = lambda hs: default_features(hs, self.num_layers)
         kw = config.task_kwargs
         self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed)
-        self.eval_sets = {t: TaskMix([(make_task(t, split=eval_split, **kw.get(t, {})), 1.0)], seed=config.seed + 1000).fixed(config.eval_size)
+        self.eval_sets = {one_question_per_document(t): TaskMix([(make_task(one_question_per_document(t), split=eval_split, **kw.get(t, {})), 1.0)],
+                                                                seed=config.seed + 1000).fixed(config.eval_size)
                           for t, _ in config.tasks}
         decay, no_decay = [], []
         for name, p in hypernet.named_parameters():

@@ -395,6 +395,10 @@ class TextTask:
         return f'Fill in the blank with the words from the text: "... {before}___{after} ..."', answer
 
     def sample(self, rng: np.random.Generator) -> Example:
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
+        """``k`` questions about one passage, each on another sentence where the passage has enough."""
         while True:
             sents = self._docs[int(rng.choice(len(self._docs), p=self._p))]
             target = int(rng.integers(self.min_tokens, self.max_tokens + 1) * CHARS_PER_TOKEN)
@@ -406,12 +410,15 @@ class TextTask:
                 chosen.append(s)
             if sum(len(c) + 1 for c in chosen) < target // 3:  # the document ended: too short to ask about
                 continue
-            j = int(rng.integers(len(chosen)))
-            qa = self._question(chosen[j], rng)
-            if qa is None:
-                continue
-            question, answer = qa
-            return Example(" ".join(chosen), question, answer, answer, (answer,), self.name)
+            doc, out, asked = " ".join(chosen), [], set()
+            for j in [int(i) for i in rng.permutation(len(chosen))] * 2:  # other sentences first, then repeats
+                qa = self._question(chosen[j], rng)
+                if qa is None or qa[0] in asked:
+                    continue
+                asked.add(qa[0])
+                out.append(Example(doc, qa[0], qa[1], qa[1], (qa[1],), self.name))
+                if len(out) == k:
+                    return out
 
 
 # ------------------------------------------------------------------------------- varied facts
@@ -621,7 +628,13 @@ class ChunkedTask:
             self.name += f"+d{distractors}"
 
     def sample(self, rng: np.random.Generator) -> Example:
-        ex = self.task.sample(rng)  # type: ignore[attr-defined]
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, n: int) -> list[Example]:
+        """``n`` examples of one document (the base task's ``sample_group``), chunked and padded with
+        distractors once, so they share one summed adapter."""
+        group = _group(self.task, rng, n)
+        ex = group[0]
         k = int(rng.integers(self.lo, self.hi + 1))
         chunks = list(ex.chunks) if ex.chunks and k > 1 else (list(split_chunks(ex.doc, k)) if k > 1 else [ex.doc])
         n_d = int(rng.integers(0, self.distractors + 1)) if self.distractors else 0
@@ -632,8 +645,44 @@ class ChunkedTask:
                 continue
             chunks.insert(int(rng.integers(len(chunks) + 1)), pieces[int(rng.integers(len(pieces)))])
         if len(chunks) == 1 and chunks[0] == ex.doc:
-            return dataclasses.replace(ex, task=self.name, chunks=())
-        return dataclasses.replace(ex, task=self.name, chunks=tuple(chunks))
+            return [dataclasses.replace(e, task=self.name, chunks=()) for e in group]
+        return [dataclasses.replace(e, task=self.name, chunks=tuple(chunks)) for e in group]
+
+
+def _group(task: object, rng: np.random.Generator, n: int) -> list[Example]:
+    """``n`` examples of one document: the task's ``sample_group``, else one example (``n`` must be 1)."""
+    fn = getattr(task, "sample_group", None)
+    if fn is not None:
+        return fn(rng, n)
+    if n != 1:
+        msg = f"Task {getattr(task, 'name', task)!r} cannot ask several questions about one document; drop its '*{n}'."
+        raise ValueError(msg)
+    return [task.sample(rng)]  # type: ignore[attr-defined]
+
+
+class GroupedTask:
+    """Wraps a task: every draw is ``k`` questions about one document (name suffix ``*k``), so a
+    training step scores one generated adapter on several questions (a less noisy document signal)."""
+
+    def __init__(self, task: object, k: int) -> None:
+        if k < 1:
+            msg = f"Questions per document must be >= 1, got {k}."
+            raise ValueError(msg)
+        _group(task, np.random.default_rng(0), k)  # fails now, not mid-run, for a task that cannot group
+        self.task, self.k = task, k
+        self.name = f"{getattr(task, 'name', 'task')}*{k}"
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        return _group(self.task, rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, n: int) -> list[Example]:
+        return _group(self.task, rng, n)
+
+
+def one_question_per_document(name: str) -> str:
+    """``name`` without its ``*k``: evaluation asks one question per document, so the mismatched
+    control (the next row's adapter) always comes from another document."""
+    return name.split("*", 1)[0]
 
 
 # ----------------------------------------------------------------------------------------- mix
@@ -643,18 +692,20 @@ def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - o
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
+    A final ``*k`` asks ``k`` questions about each drawn document in the same batch (tasks with a
+    ``sample_group``: ``text``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
-    m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?", name)
+    m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)
     if m is None:
-        msg = f"Cannot parse task {name!r}: expected e.g. 'facts', 'facts/4', 'squad/1-3+d2'."
+        msg = f"Cannot parse task {name!r}: expected e.g. 'facts', 'facts/4', 'squad/1-3+d2', 'text/1-3*4'."
         raise ValueError(msg)
-    base_name, lo, hi, dist = m.group(1), m.group(2), m.group(3), m.group(4)
+    base_name, lo, hi, dist, per_doc = m.groups()
     task = _base_task(base_name, split, kwargs)
-    if lo is None and dist is None:
-        return task
-    lo_i = int(lo or 1)
-    return ChunkedTask(task, lo_i, int(hi or lo_i), int(dist or 0))
+    if lo is not None or dist is not None:
+        lo_i = int(lo or 1)
+        task = ChunkedTask(task, lo_i, int(hi or lo_i), int(dist or 0))
+    return GroupedTask(task, int(per_doc)) if per_doc is not None else task
 
 
 def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
@@ -685,7 +736,11 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
 
 
 class TaskMix:
-    """Weighted mixture of tasks; ``batch(step)`` is a pure function of ``(seed, step)``."""
+    """Weighted mixture of tasks; ``batch(step)`` is a pure function of ``(seed, step)``.
+
+    Weights count draws: a ``*k`` task (``GroupedTask``) adds ``k`` rows per draw (fewer at the
+    end of a batch).
+    """
 
     def __init__(self, tasks: Sequence[tuple[object, float]], *, seed: int) -> None:
         self.tasks = [t for t, _ in tasks]
@@ -695,10 +750,11 @@ class TaskMix:
 
     def batch(self, step: int, size: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, step])
-        out = []
-        for _ in range(size):
+        out: list[Example] = []
+        while len(out) < size:
             task = self.tasks[int(rng.choice(len(self.tasks), p=self.weights))]
-            out.append(task.sample(rng))  # type: ignore[attr-defined]
+            k = getattr(task, "k", 1)
+            out.extend(task.sample_group(rng, min(k, size - len(out))) if k > 1 else [task.sample(rng)])  # type: ignore[attr-defined]
         return out
 
     def fixed(self, n: int, *, step: int = 0) -> list[Example]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -400,3 +401,36 @@ def test_text_task_asks_with_a_short_cue_from_disjoint_corpora():
             assert 3 <= len(before.split()) <= 8 and len(after.split()) <= 3
             assert cue.replace("___", ex.key) in ex.doc  # the blank restores a piece of the passage
     assert make_task("text/1-3+d1").name == "text/1-3+d1"
+
+
+def test_grouped_tasks_ask_several_questions_about_one_document():
+    from d2l_integrations.engine.training_data import GroupedTask, TaskMix, make_task, one_question_per_document
+
+    try:
+        task = make_task("text/1-3+d1*4", split="eval", min_tokens=128, max_tokens=256)
+    except FileNotFoundError:
+        pytest.skip("text corpora not available")
+    assert isinstance(task, GroupedTask) and task.name == "text/1-3+d1*4" and one_question_per_document(task.name) == "text/1-3+d1"
+    group = task.sample_group(np.random.default_rng(0), 4)
+    assert len(group) == 4 and len({e.question for e in group}) == 4
+    assert len({(e.doc, e.chunks) for e in group}) == 1  # one document, chunked once: one summed adapter
+    assert all(e.key in e.doc for e in group)
+    mix = TaskMix([(task, 1.0), (FactsTask(), 1.0)], seed=0)
+    rows = mix.batch(3, 10)
+    assert len(rows) == 10 and rows == mix.batch(3, 10)
+    runs = [len(list(g)) for _, g in itertools.groupby(rows, key=lambda e: e.doc)]
+    assert max(runs) > 1  # grouped rows arrive together
+    with pytest.raises(ValueError, match="cannot ask several questions"):
+        make_task("facts*2")
+
+
+def test_trainer_takes_grouped_tasks_and_evaluates_them_one_question_per_document(tiny_base, tmp_path):
+    try:
+        cfg = config(tasks=(("text/1-2*3", 1.0),), task_kwargs={"text/1-2*3": {"min_tokens": 32, "max_tokens": 64}})
+        trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), cfg, out_dir=tmp_path)
+    except FileNotFoundError:
+        pytest.skip("text corpora not available")
+    assert list(trainer.eval_sets) == ["text/1-2"]
+    docs = [e.doc for e in trainer.eval_sets["text/1-2"]]
+    assert all(a != b for a, b in itertools.pairwise(docs))  # the mismatched control's neighbour is another document
+    assert np.isfinite(trainer.train_step()["loss"])
