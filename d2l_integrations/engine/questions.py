@@ -127,8 +127,9 @@ def find_spans(sentence: str) -> list[Span]:
         spans.append(Span("date", m.start(), m.end()))
         taken.append((m.start(), m.end()))
     for m in _NUMBER_RE.finditer(sentence):
-        if not any(s <= m.start() < e for s, e in taken):
-            spans.append(Span("number", m.start(), m.end()))
+        end = m.end() - (len(m.group(0)) - len(m.group(0).rstrip(",")))  # "In 1921, ..." blanks "1921", not "1921,"
+        if end > m.start() and not any(s <= m.start() < e for s, e in taken):
+            spans.append(Span("number", m.start(), end))
     for m in _NAME_RE.finditer(sentence):
         words = [(w.start() + m.start(), w.end() + m.start()) for w in re.finditer(r"\S+", m.group(0))]
         # A capitalised stopword opening the match ("The", "In") is not part of a name.

@@ -101,3 +101,9 @@ def test_module_is_pure_python() -> None:
     with open(questions.__file__) as fh:
         imports = [line for line in fh if line.startswith(("import ", "from "))]
     assert not [line for line in imports if "torch" in line or "transformers" in line]
+
+
+def test_a_number_before_a_comma_is_blanked_without_the_comma() -> None:
+    sentence = "In 1921, Gramir opened a workshop with 1,200 tools."
+    numbers = [sentence[s.start:s.end] for s in find_spans(sentence) if s.kind == "number"]
+    assert numbers == ["1921", "1,200"]
