@@ -498,19 +498,23 @@ class FactsVariedTask:
         return name, out
 
     def sample(self, rng: np.random.Generator) -> Example:
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
+        """Up to ``k`` questions on distinct facts of the document's first person."""
         people = [self._person_facts(rng) for _ in range(1 + int(rng.random() < 0.35))]
         sents: list[str] = []
-        asked = None
+        asked: list = []
         for _, facts in people:
             chosen = rng.choice(len(facts), size=int(rng.integers(3, 8)), replace=False)
             sents.extend(facts[int(i)][0] for i in chosen)
-            if asked is None:
-                asked = facts[int(chosen[int(rng.integers(len(chosen)))])]
+            if not asked:
+                picks = [int(rng.integers(len(chosen)))] if k == 1 else rng.choice(len(chosen), size=min(k, len(chosen)), replace=False)
+                asked = [facts[int(chosen[int(j)])] for j in picks]
         for _ in range(int(rng.integers(0, 3))):
             sents.insert(int(rng.integers(len(sents) + 1)), _VARIED_FILLER[int(rng.integers(len(_VARIED_FILLER)))])
-        assert asked is not None
-        _, question, response, key = asked
-        return Example(" ".join(sents), question, response, key, (key,), self.name)
+        doc = " ".join(sents)
+        return [Example(doc, question, response, key, (key,), self.name) for _, question, response, key in asked]
 
 
 class FactsBioTask:
@@ -578,6 +582,10 @@ class SquadTask:
                 for paras in self._articles for text, qs in paras for q, answers in qs]
 
     def sample(self, rng: np.random.Generator) -> Example:
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
+        """Up to ``k`` distinct questions about one paragraph (SQuAD has ~5 per paragraph)."""
         while True:
             paras = self._articles[int(rng.integers(len(self._articles)))]
             p = int(rng.integers(len(paras)))
@@ -591,9 +599,11 @@ class SquadTask:
                     break
                 lo, hi = min(lo, i), max(hi, i)
             texts = tuple(paras[j][0] for j in range(lo, hi + 1))
-            question, answers = paras[p][1][int(rng.integers(len(paras[p][1])))]
-            return Example("\n\n".join(texts), question, "", "", answers, self.name, chunks=texts if len(texts) > 1 else (),
-                           teacher_response=True, teacher_doc=paras[p][0])
+            qs = paras[p][1]
+            picks = [int(rng.integers(len(qs)))] if k == 1 else rng.choice(len(qs), size=min(k, len(qs)), replace=False)
+            return [Example("\n\n".join(texts), qs[int(j)][0], "", "", qs[int(j)][1], self.name,
+                            chunks=texts if len(texts) > 1 else (), teacher_response=True, teacher_doc=paras[p][0])
+                    for j in picks]
 
 
 # ---------------------------------------------------------------------------------- multi-chunk
@@ -692,8 +702,8 @@ def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - o
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
-    A final ``*k`` asks ``k`` questions about each drawn document in the same batch (tasks with a
-    ``sample_group``: ``text``): ``text/1-3+d1*4``.
+    A final ``*k`` asks up to ``k`` questions about each drawn document in the same batch (tasks with a
+    ``sample_group``: ``text``, ``squad``, ``facts_varied``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
     m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)

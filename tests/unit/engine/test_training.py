@@ -422,6 +422,12 @@ def test_grouped_tasks_ask_several_questions_about_one_document():
     assert max(runs) > 1  # grouped rows arrive together
     with pytest.raises(ValueError, match="cannot ask several questions"):
         make_task("facts*2")
+    facts = make_task("facts_varied/2-4+d1*3").sample_group(np.random.default_rng(1), 3)
+    assert len({e.key for e in facts}) == len(facts) == 3 and len({(e.doc, e.chunks) for e in facts}) == 1
+    assert all(e.key in e.doc for e in facts)
+    squad = make_task("squad/1-3*4", max_paragraphs=3).sample_group(np.random.default_rng(2), 4)
+    assert len({e.question for e in squad}) == len(squad) >= 2 and len({(e.doc, e.chunks) for e in squad}) == 1
+    assert all(e.teacher_response and e.teacher_doc in e.doc for e in squad)
 
 
 def test_trainer_takes_grouped_tasks_and_evaluates_them_one_question_per_document(tiny_base, tmp_path):
