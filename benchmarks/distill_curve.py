@@ -59,6 +59,7 @@ max_questions = 20
 teacher_max_new_tokens = 16
 lr = 3e-3
 rank = 8
+question_style = "cloze"  # or "wh" (questions.build_questions)
 alpha = 16.0
 answer_tokens = 24
 seed = 0
@@ -170,7 +171,7 @@ def main() -> None:
     base = load_base_model(model, device=device, dtype=dtype)
     config = DistillConfig(
         rank=rank, alpha=alpha, lr=lr, max_steps=steps[-1], patience=0, chunks_per_batch=chunks_per_batch,
-        max_questions=max_questions, teacher_max_new_tokens=teacher_max_new_tokens, seed=seed,
+        max_questions=max_questions, teacher_max_new_tokens=teacher_max_new_tokens, seed=seed, question_style=question_style,
     )
     distill = DistillInternalizer(config)
     run = run_name or f"{split}-{device}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -11,6 +11,10 @@ deterministically given a seed, in pure Python:
   gold answer (the usual shape of a factual question).
 - **about**: ``"What does the text say about <X>?"`` for the most frequent names and noun
   phrases, with no gold answer (only the teacher's own answer is used).
+- **wh** (``style="wh"`` only): the blanked span replaced by a question word, the sentence kept
+  as it is: ``"In 1921, Gramir opened a workshop."`` -> ``"In what year, Gramir opened a
+  workshop?"``. Closer to how people ask than a cloze. ``style="wh"`` also asks about dates,
+  numbers, names, last words and copulas before noun phrases within each sentence.
 
 A few gold-answer questions are held out (never trained on) for early stopping. A question never
 goes to the held-out set when it is the only question of its sentence, so every sentence is
@@ -186,6 +190,34 @@ def _cloze_question(sentence: str, span: Span, topic: str | None) -> str:
     return f'Fill in the blank from what you know{about}: "{blanked}"'
 
 
+_YEAR_RE = re.compile(r"^(1[0-9]{3}|20[0-9]{2})$")
+_CONTENT_KINDS = ("date", "number", "name", "last_word")
+
+
+def _wh_question(sentence: str, span: Span) -> str | None:
+    """``sentence`` with ``span`` replaced by a question word, or None when no word fits."""
+    answer = sentence[span.start:span.end]
+    if span.kind == "date":
+        word = "when"
+    elif span.kind == "number":
+        word = "what year" if _YEAR_RE.match(answer) else "how many" if answer.replace(",", "").isdigit() else "what number"
+    elif span.kind == "name":
+        word = "who" if span.start == 0 else "what"
+    elif span.kind == "last_word":
+        word = "what"
+    else:  # noun phrases: "The what was quiet in the mornings?" reads worse than its cloze
+        return None
+    head, tail = sentence[:span.start], sentence[span.end:].rstrip().rstrip(".!?")
+    if span.start == 0:
+        word = word[0].upper() + word[1:]
+    return f"{head}{word}{tail}?"
+
+
+def _is_content(sentence: str, question: TrainingQuestion) -> bool:
+    """The question's gold answer is a date, number, name or the last content word of ``sentence``."""
+    return any(sp.kind in _CONTENT_KINDS and sentence[sp.start:sp.end] == question.answer for sp in find_spans(sentence))
+
+
 def _copula_question(sentence: str) -> tuple[str, str] | None:
     m = _COPULA_RE.match(sentence.strip())
     if m is None:
@@ -207,6 +239,7 @@ def build_questions(
     about_questions: int = 3,
     held_out_fraction: float = 0.15,
     min_held_out: int = 2,
+    style: str = "cloze",
 ) -> QuestionSet:
     """Build training and held-out questions from ``text`` alone.
 
@@ -217,11 +250,17 @@ def build_questions(
         about_questions: number of "what does the text say about X" questions (train only).
         held_out_fraction: share of gold-answer questions held out for early stopping.
         min_held_out: hold out at least this many when there are enough questions.
+        style: ``"cloze"`` (cloze, copula and about questions, in random order per sentence) or
+            ``"wh"`` (also question-word forms of date, number, name and last-word blanks, and
+            those blanks and copulas first within each sentence).
 
     Returns:
         A ``QuestionSet``; ``train`` is never empty for text with at least one sentence of two
         or more words. Identical sentences (e.g. a repeated filler line) yield questions once.
     """
+    if style not in ("cloze", "wh"):
+        msg = f"Unknown question style {style!r}; use 'cloze' or 'wh'."
+        raise ValueError(msg)
     rng = random.Random(seed)
     sentences = split_sentences(text)
     seen_sentences: set[str] = set()
@@ -242,10 +281,15 @@ def build_questions(
         for span in find_spans(sentence):
             answer = sentence[span.start:span.end]
             group.append(TrainingQuestion(_cloze_question(sentence, span, topic), answer, "cloze", offset))
+            wh = _wh_question(sentence, span) if style == "wh" else None
+            if wh is not None:
+                group.append(TrainingQuestion(wh, answer, "wh", offset))
         if not group:  # no span matched: blank the whole predicate is impossible; ask about it
             group.append(TrainingQuestion(f'What comes next in the text: "{sentence[: len(sentence) // 2]}"?',
                                           sentence[len(sentence) // 2:], "cloze", offset))
         rng.shuffle(group)
+        if style == "wh":  # the facts a reader would ask about first (stable: random order within a tier)
+            group.sort(key=lambda q: 0 if q.kind == "copula" or _is_content(sentence, q) else 1)
         by_sentence.append(group)
 
     # Round-robin over sentences (in a shuffled order) so every sentence is covered before any

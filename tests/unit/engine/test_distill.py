@@ -340,3 +340,23 @@ def test_prepared_chunk_is_the_same_with_and_without_kv_sharing(base: BaseModel,
         for got, want in zip(got_list, want_list, strict=True):
             assert got.student_ids == want.student_ids and got.response_ids == want.response_ids
             torch.testing.assert_close(got.teacher_logprobs, want.teacher_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_question_style_is_validated_and_keeps_old_settings_hashes() -> None:
+    assert "question_style" not in DistillConfig().to_dict()  # adapter stores made before the field keep their keys
+    wh = DistillConfig(question_style="wh")
+    assert wh.to_dict()["question_style"] == "wh" and DistillConfig.from_dict(wh.to_dict()) == wh
+    assert wh.settings_hash() != DistillConfig().settings_hash()
+    with pytest.raises(ConfigError, match="question_style"):
+        DistillConfig(question_style="quiz")
+
+
+def test_wh_questions_train_end_to_end(base: BaseModel) -> None:
+    cfg = _config(max_steps=12, batch_size=256, patience=0, lr=2e-2, question_style="wh")
+    distill = DistillInternalizer(cfg)
+    cloze = DistillInternalizer(dataclasses.replace(cfg, question_style="cloze"))
+    wh_prompts = {tuple(ex.student_ids) for ex in distill._prepare_chunk(base, DOC_A, None).train}
+    assert wh_prompts - {tuple(ex.student_ids) for ex in cloze._prepare_chunk(base, DOC_A, None).train}  # other questions
+    [result] = distill.distill_chunks(base, [DOC_A])
+    first, last = result.train_kl
+    assert result.steps == 12 and last < first

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from d2l_integrations.engine.questions import build_questions, find_spans, split_sentences
 
 BIO = (
@@ -107,3 +109,19 @@ def test_a_number_before_a_comma_is_blanked_without_the_comma() -> None:
     sentence = "In 1921, Gramir opened a workshop with 1,200 tools."
     numbers = [sentence[s.start:s.end] for s in find_spans(sentence) if s.kind == "number"]
     assert numbers == ["1921", "1,200"]
+
+
+def test_wh_style_adds_question_word_forms_and_asks_facts_first() -> None:
+    text = "In 1921, Gramir opened a small workshop. The workshop employed 10 apprentices. Its front door was painted violet."
+    plain = build_questions(text, seed=0, max_questions=40)
+    wh = build_questions(text, seed=0, max_questions=40, style="wh")
+    assert not [q for q in plain.train + plain.held_out if q.kind == "wh"]
+    forms = {q.question: q.answer for q in wh.train + wh.held_out if q.kind == "wh"}
+    assert forms["In what year, Gramir opened a small workshop?"] == "1921"
+    assert forms["The workshop employed how many apprentices?"] == "10"
+    assert forms["Its front door was painted what?"] == "violet"
+    few = build_questions(text, seed=0, max_questions=3, style="wh")  # one per sentence: a fact, not a filler phrase
+    facts = {"1921", "Gramir", "10", "violet", "apprentices", "workshop"}
+    assert all(q.answer in facts or q.kind == "copula" for q in few.train + few.held_out if q.kind != "about")
+    with pytest.raises(ValueError, match="question style"):
+        build_questions(text, style="quiz")
