@@ -220,7 +220,9 @@ class DistillConfig:
         8/8, made-up facts 45 % of full context (``eval-gpu-f16-r32``, 4.7 s per chunk), SQuAD
         paragraphs 76 % of full-context token F1 (16 paragraphs, ``eval-gpu-squad16-r32``, 4.6 s per
         chunk; 74 % at 160 steps on 48 paragraphs). The CPU defaults (rank 8, 40 steps) reach 52 % on
-        the same 16 paragraphs (``eval-gpu-squad16-r8``). ``overrides`` replace preset fields.
+        the same 16 paragraphs (``eval-gpu-squad16-r8``). Seconds are per chunk with 16 chunks
+        trained together; one chunk alone takes most of a group's time. ``overrides`` replace
+        preset fields.
         """
         preset: dict[str, Any] = {"rank": 32, "alpha": 64.0, "max_questions": 40, "max_steps": 320,
                                   "chunks_per_batch": 16, "patience": 0}
