@@ -221,7 +221,7 @@ class DistillConfig:
         paragraphs 76 % of full-context token F1 (16 paragraphs, ``eval-gpu-squad16-r32``, 4.6 s per
         chunk; 74 % at 160 steps on 48 paragraphs). The CPU defaults (rank 8, 40 steps) reach 52 % on
         the same 16 paragraphs (``eval-gpu-squad16-r8``). Seconds are per chunk with 16 chunks
-        trained together; one chunk alone takes most of a group's time. ``overrides`` replace
+        trained together; one chunk alone was not measured. ``overrides`` replace
         preset fields.
         """
         preset: dict[str, Any] = {"rank": 32, "alpha": 64.0, "max_questions": 40, "max_steps": 320,
