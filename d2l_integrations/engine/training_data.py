@@ -213,6 +213,29 @@ class FactsTask:
         return Example(doc, question, response, key, (key,), self.name)
 
 
+# ------------------------------------------------------------------------------- natural text
+def _wikitext_paragraphs(text: str) -> list[list[str]]:
+    """WikiText-2's tokenised article as paragraphs of sentences: headings and ``<unk>`` sentences dropped."""
+    out: list[list[str]] = []
+    for para in text.split("\n"):
+        para = para.strip()
+        if not para or para.startswith("="):
+            continue
+        para = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" ,", ",").replace(" .", ".")
+        out.append([s for s in _sentences(para) if "<unk>" not in s])
+    return out
+
+
+def _window(sents: Sequence[str], start: int, target_chars: int) -> list[str]:
+    """Consecutive sentences from ``start`` while they fit ``target_chars`` (at least one)."""
+    chosen: list[str] = []
+    for s in sents[start:]:
+        if chosen and sum(len(c) + 1 for c in chosen) + len(s) > target_chars:
+            break
+        chosen.append(s)
+    return chosen
+
+
 # ---------------------------------------------------------------------------------------- cloze
 _CLOZE_TARGET = re.compile(r"\b(\d[\d,.]*\d|\d|[A-Z][a-z]{3,})\b")
 
@@ -225,28 +248,14 @@ class ClozeTask:
     def __init__(self, *, split: str = "train", min_tokens: int = 64, max_tokens: int = 256, root: Path | None = None) -> None:
         fname = "valid_articles.jsonl" if split == "train" else "test_articles.jsonl"
         rows = _read_jsonl((root or data_dir()) / "wikitext2" / fname)
-        self._paras: list[list[str]] = []
-        for r in rows:
-            for para in r["text"].split("\n"):
-                para = para.strip()
-                if not para or para.startswith("="):
-                    continue
-                para = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" ,", ",").replace(" .", ".")
-                sents = [s for s in _sentences(para) if "<unk>" not in s]
-                if len(sents) >= 3:
-                    self._paras.append(sents)
+        self._paras = [p for r in rows for p in _wikitext_paragraphs(r["text"]) if len(p) >= 3]
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
 
     def sample(self, rng: np.random.Generator) -> Example:
         while True:
             sents = self._paras[int(rng.integers(len(self._paras)))]
             target = int(rng.integers(self.min_tokens, self.max_tokens + 1) * CHARS_PER_TOKEN)
-            start = int(rng.integers(len(sents)))
-            chosen: list[str] = []
-            for s in sents[start:]:
-                if chosen and sum(len(c) + 1 for c in chosen) + len(s) > target:
-                    break
-                chosen.append(s)
+            chosen = _window(sents, int(rng.integers(len(sents))), target)
             j = int(rng.integers(len(chosen)))
             spans = [m for m in _CLOZE_TARGET.finditer(chosen[j]) if m.start() > 0]
             if not spans:
@@ -274,15 +283,8 @@ def _gutenberg_body(text: str) -> str:
 
 
 def _wikitext_clean(text: str) -> list[str]:
-    """WikiText-2's tokenised article as sentences: headings and ``<unk>`` sentences dropped."""
-    out: list[str] = []
-    for para in text.split("\n"):
-        para = para.strip()
-        if not para or para.startswith("="):
-            continue
-        para = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" ,", ",").replace(" .", ".")
-        out.extend(s for s in _sentences(para) if "<unk>" not in s)
-    return out
+    """WikiText-2's tokenised article as one list of sentences (``_wikitext_paragraphs`` joined)."""
+    return [s for p in _wikitext_paragraphs(text) for s in p]
 
 
 TEXT_EVAL_FRACTION = 0.15
@@ -402,12 +404,7 @@ class TextTask:
         while True:
             sents = self._docs[int(rng.choice(len(self._docs), p=self._p))]
             target = int(rng.integers(self.min_tokens, self.max_tokens + 1) * CHARS_PER_TOKEN)
-            start = int(rng.integers(len(sents)))
-            chosen: list[str] = []
-            for s in sents[start:]:
-                if chosen and sum(len(c) + 1 for c in chosen) + len(s) > target:
-                    break
-                chosen.append(s)
+            chosen = _window(sents, int(rng.integers(len(sents))), target)
             if sum(len(c) + 1 for c in chosen) < target // 3:  # the document ended: too short to ask about
                 continue
             doc, out, asked = " ".join(chosen), [], set()
