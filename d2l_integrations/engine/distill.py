@@ -115,8 +115,8 @@ class DistillConfig:
         teacher_logprob_dtype: storage dtype of teacher log-probs (full vocab per response token).
         seed: seeds question selection, held-out split, LoRA init and batch order.
         question_style: ``"cloze"`` or ``"wh"`` (``questions.build_questions``): ``"wh"`` adds
-            question-word forms ("In what year, ...?") and asks about dates, numbers and names
-            first. Not yet measured against ``"cloze"``.
+            question-word forms ("In what year, ...?") and asks about dates, numbers, names and
+            last words first. Not yet measured against ``"cloze"`` on GPU.
     """
 
     rank: int = 8
@@ -221,8 +221,7 @@ class DistillConfig:
         paragraphs 76 % of full-context token F1 (16 paragraphs, ``eval-gpu-squad16-r32``, 4.6 s per
         chunk; 74 % at 160 steps on 48 paragraphs). The CPU defaults (rank 8, 40 steps) reach 52 % on
         the same 16 paragraphs (``eval-gpu-squad16-r8``). Seconds are per chunk with 16 chunks
-        trained together; one chunk alone was not measured. ``overrides`` replace
-        preset fields.
+        trained together; one chunk alone was not measured. ``overrides`` replace preset fields.
         """
         preset: dict[str, Any] = {"rank": 32, "alpha": 64.0, "max_questions": 40, "max_steps": 320,
                                   "chunks_per_batch": 16, "patience": 0}

@@ -355,9 +355,10 @@ class DistillationTrainer:
             self._default_features = lambda hs: default_features(hs, self.num_layers)
         kw = config.task_kwargs
         self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed)
-        self.eval_sets = {one_question_per_document(t): TaskMix([(make_task(one_question_per_document(t), split=eval_split, **kw.get(t, {})), 1.0)],
-                                                                seed=config.seed + 1000).fixed(config.eval_size)
-                          for t, _ in config.tasks}
+        self.eval_sets: dict[str, list[Example]] = {}  # one question per document, so the mismatched control is another document
+        for t, _ in config.tasks:
+            name = one_question_per_document(t)
+            self.eval_sets[name] = TaskMix([(make_task(name, split=eval_split, **kw.get(t, {})), 1.0)], seed=config.seed + 1000).fixed(config.eval_size)
         decay, no_decay = [], []
         for name, p in hypernet.named_parameters():
             if not p.requires_grad:
