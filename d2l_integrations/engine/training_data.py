@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from d2l_integrations.engine.questions import _copula_question, find_spans  # stdlib only
+
 NEEDLE_QUESTION = "What is the special magic number? Reply with only the number."
 FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HELD_OUT_ESSAYS = 9
@@ -370,8 +372,6 @@ class TextTask:
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
 
     def _question(self, sentence: str, rng: np.random.Generator) -> tuple[str, str] | None:
-        from d2l_integrations.engine.questions import _copula_question, find_spans  # stdlib only
-
         if rng.random() < 0.25:
             cop = _copula_question(sentence)
             first = sentence.split()[0]
