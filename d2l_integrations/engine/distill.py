@@ -60,7 +60,7 @@ from d2l_integrations.engine.base_model import BaseModel, cache_kwarg
 from d2l_integrations.engine.config import _from_dict
 from d2l_integrations.engine.internalizer import ProgressCallback, check_chunks
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
-from d2l_integrations.engine.questions import TrainingQuestion, build_questions, split_sentences
+from d2l_integrations.engine.questions import QUESTION_STYLES, TrainingQuestion, build_questions, split_sentences
 from d2l_integrations.errors import ConfigError, InternalizationError, InvalidDocumentError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class DistillConfig:
             the hardware better, at the cost of memory for teacher log-probs.
         max_questions: cloze and "What is X?" questions built per chunk (before the held-out split).
         about_questions: "what does the text say about X" questions per chunk (teacher answer only).
-        held_out_fraction: share of gold-answer questions kept for early stopping, never trained on.
+        held_out_fraction: share of gold-answer questions kept for early stopping, never trained on
+            (0: none, every question is trained on; early stopping then has nothing to watch).
         teacher_max_new_tokens: length cap of the teacher's greedy answers (the response tokens).
         include_gold_answers: also train on the gold cloze span as a response (teacher KL on it).
         eval_every: steps between held-out evaluations (early stopping, best-state selection).
@@ -114,9 +115,10 @@ class DistillConfig:
         teacher_batch_size: prompts per teacher generation / scoring batch.
         teacher_logprob_dtype: storage dtype of teacher log-probs (full vocab per response token).
         seed: seeds question selection, held-out split, LoRA init and batch order.
-        question_style: ``"cloze"`` or ``"wh"`` (``questions.build_questions``): ``"wh"`` adds
-            question-word forms ("In what year, ...?") and asks about dates, numbers, names and
-            last words first. Not yet measured against ``"cloze"`` on GPU.
+        question_style: ``"cloze"``, ``"wh"`` or ``"context"`` (``questions.build_questions``):
+            ``"wh"`` adds question-word forms ("In what year, ...?") and asks about dates, numbers,
+            names and last words first; ``"context"`` quotes the two previous sentences in each cloze
+            and names the topic in full.
     """
 
     rank: int = 8
@@ -184,8 +186,8 @@ class DistillConfig:
         if "{document}" not in self.teacher_template or "{question}" not in self.teacher_template:
             msg = f"DistillConfig.teacher_template must contain {{document}} and {{question}}, got {self.teacher_template!r}."
             raise ConfigError(msg)
-        if self.question_style not in ("cloze", "wh"):
-            msg = f"DistillConfig.question_style must be 'cloze' or 'wh', got {self.question_style!r}."
+        if self.question_style not in QUESTION_STYLES:
+            msg = f"DistillConfig.question_style must be one of {', '.join(QUESTION_STYLES)}, got {self.question_style!r}."
             raise ConfigError(msg)
         if self.teacher_logprob_dtype not in _DTYPES:
             msg = f"DistillConfig.teacher_logprob_dtype must be one of {sorted(_DTYPES)}, got {self.teacher_logprob_dtype!r}."

@@ -15,6 +15,9 @@ deterministically given a seed, in pure Python:
   as it is: ``"In 1921, Gramir opened a workshop."`` -> ``"In what year, Gramir opened a
   workshop?"``. Closer to how people ask than a cloze. ``style="wh"`` also asks about dates,
   numbers, names, last words and copulas before noun phrases within each sentence.
+- **context** (``style="context"`` only): each cloze quotes the two sentences before it too, and names
+  the topic in full (``"Gramir Pelzutho"``, not ``"Gramir"``), so a sentence that refers back
+  ("Its front door was painted ___.") is learned with what it refers to.
 
 A few gold-answer questions are held out (never trained on) for early stopping. A question never
 goes to the held-out set when it is the only question of its sentence, so every sentence is
@@ -33,7 +36,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["QuestionSet", "Span", "TrainingQuestion", "build_questions", "find_spans", "split_sentences"]
+__all__ = ["QUESTION_STYLES", "QuestionSet", "Span", "TrainingQuestion", "build_questions", "find_spans", "split_sentences"]
 
 _MONTHS = (
     "January|February|March|April|May|June|July|August|September|October|November|December|"
@@ -63,6 +66,8 @@ _STOPWORDS = frozenset(
     go we're it's there's here's""".split()
 )
 _MAX_SPAN_WORDS = 6
+QUESTION_STYLES = ("cloze", "wh", "context")
+_LEAD_SENTENCES = 2  # style="context": sentences quoted before the blanked one
 
 
 @dataclass(frozen=True)
@@ -184,10 +189,20 @@ def _topic(sentences: list[tuple[int, str]]) -> str | None:
     return best if n >= 2 else None
 
 
-def _cloze_question(sentence: str, span: Span, topic: str | None) -> str:
+def _full_topic(topic: str | None, sentences: list[tuple[int, str]]) -> str | None:
+    """The longest name of the text that contains ``topic`` as whole words ("Gramir" -> "Gramir Pelzutho")."""
+    if topic is None:
+        return None
+    pattern = re.compile(rf"(?<!\w){re.escape(topic)}(?!\w)")
+    names = [sentence[sp.start:sp.end] for _, sentence in sentences for sp in find_spans(sentence) if sp.kind == "name"]
+    return max((n for n in names if pattern.search(n)), key=len, default=topic)
+
+
+def _cloze_question(sentence: str, span: Span, topic: str | None, lead: str = "") -> str:
     blanked = f"{sentence[:span.start]}___{sentence[span.end:]}"
     about = f" about {topic}" if topic and topic not in blanked[span.start:span.start + 3] else ""
-    return f'Fill in the blank from what you know{about}: "{blanked}"'
+    quoted = f"{lead} {blanked}" if lead else blanked
+    return f'Fill in the blank from what you know{about}: "{quoted}"'
 
 
 _YEAR_RE = re.compile(r"^(1[0-9]{3}|20[0-9]{2})$")
@@ -250,16 +265,17 @@ def build_questions(
         about_questions: number of "what does the text say about X" questions (train only).
         held_out_fraction: share of gold-answer questions held out for early stopping.
         min_held_out: hold out at least this many when there are enough questions.
-        style: ``"cloze"`` (cloze, copula and about questions, in random order per sentence) or
+        style: ``"cloze"`` (cloze, copula and about questions, in random order per sentence),
             ``"wh"`` (also question-word forms of date, number, name and last-word blanks, and
-            those blanks and copulas first within each sentence).
+            those blanks and copulas first within each sentence) or ``"context"`` (clozes quote
+            the two sentences before theirs and name the topic in full).
 
     Returns:
         A ``QuestionSet``; ``train`` is never empty for text with at least one sentence of two
         or more words. Identical sentences (e.g. a repeated filler line) yield questions once.
     """
-    if style not in ("cloze", "wh"):
-        msg = f"Unknown question style {style!r}; use 'cloze' or 'wh'."
+    if style not in QUESTION_STYLES:
+        msg = f"Unknown question style {style!r}; use one of {', '.join(QUESTION_STYLES)}."
         raise ValueError(msg)
     rng = random.Random(seed)
     sentences = split_sentences(text)
@@ -270,17 +286,20 @@ def build_questions(
             seen_sentences.add(sentence)
             distinct.append((offset, sentence))
     topic = _topic(sentences)
+    if style == "context":
+        topic = _full_topic(topic, sentences)
 
     # Candidate gold-answer questions grouped by sentence.
     by_sentence: list[list[TrainingQuestion]] = []
-    for offset, sentence in distinct:
+    for index, (offset, sentence) in enumerate(distinct):
+        lead = " ".join(prev for _, prev in distinct[max(0, index - _LEAD_SENTENCES):index]) if style == "context" else ""
         group: list[TrainingQuestion] = []
         copula = _copula_question(sentence)
         if copula is not None:
             group.append(TrainingQuestion(copula[0], copula[1], "copula", offset))
         for span in find_spans(sentence):
             answer = sentence[span.start:span.end]
-            group.append(TrainingQuestion(_cloze_question(sentence, span, topic), answer, "cloze", offset))
+            group.append(TrainingQuestion(_cloze_question(sentence, span, topic, lead), answer, "cloze", offset))
             wh = _wh_question(sentence, span) if style == "wh" else None
             if wh is not None:
                 group.append(TrainingQuestion(wh, answer, "wh", offset))
@@ -313,6 +332,8 @@ def build_questions(
     rng.shuffle(eligible)
     n_gold = sum(len(g) for g in selected)
     n_held = max(min_held_out, round(held_out_fraction * n_gold)) if n_gold >= 2 * min_held_out else 0
+    if held_out_fraction == 0:  # no early stopping wanted: every question is trained on
+        n_held = 0
     held_idx = set(eligible[:n_held])
     train: list[TrainingQuestion] = []
     held_out: list[TrainingQuestion] = []

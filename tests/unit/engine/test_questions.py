@@ -125,3 +125,27 @@ def test_wh_style_adds_question_word_forms_and_asks_facts_first() -> None:
     assert all(q.answer in facts or q.kind == "copula" for q in few.train + few.held_out if q.kind != "about")
     with pytest.raises(ValueError, match="question style"):
         build_questions(text, style="quiz")
+
+
+def test_context_style_quotes_the_sentences_before_and_names_the_topic_in_full() -> None:
+    text = (
+        "Gramir Pelzutho was born in Liodalgra. In 1921, Gramir opened a small workshop. Market days were busy. "
+        "Its front door was painted violet. Gramir played the accordion."
+    )
+    plain = build_questions(text, seed=0, max_questions=60)
+    context = build_questions(text, seed=0, max_questions=60, style="context")
+    door = [q.question for q in context.train + context.held_out if q.kind == "cloze" and q.answer == "violet"]
+    assert door == ['Fill in the blank from what you know about Gramir Pelzutho: '
+                    '"In 1921, Gramir opened a small workshop. Market days were busy. Its front door was painted ___."']
+    first = [q.question for q in context.train + context.held_out if q.kind == "cloze" and q.answer == "Liodalgra"]
+    assert first == ['Fill in the blank from what you know about Gramir Pelzutho: "Gramir Pelzutho was born in ___."']
+    assert [q.question for q in plain.train + plain.held_out if q.answer == "violet"] == [
+        'Fill in the blank from what you know about Gramir: "Its front door was painted ___."']
+
+
+def test_held_out_fraction_zero_trains_on_every_question() -> None:
+    text = "In 1921, Gramir opened a small workshop. The workshop employed 10 apprentices. Its front door was painted violet."
+    some = build_questions(text, seed=0, max_questions=40)
+    none = build_questions(text, seed=0, max_questions=40, held_out_fraction=0.0)
+    assert some.held_out and not none.held_out
+    assert len(none.train) == len(some.train) + len(some.held_out)
