@@ -207,6 +207,9 @@ class KnowledgeBase:
         * A process killed in the middle of ``add`` leaves the store consistent: the next writer
           rolls back the unfinished document and removes its embeddings and adapters; documents
           added before are kept.
+        * ``add`` with several documents internalizes their chunks together, up to ``batch_size`` at a
+          time, not document by document; a document added before an error keeps its adapters
+          (an interrupted run's missing adapters are made by the next writer or when first needed).
         * Several processes may ``add`` to one store at once (file locks serialise the short commit
           steps; parsing, embedding and internalization run in parallel).
         * Opening with another base model or internalizer raises
@@ -243,6 +246,7 @@ class KnowledgeBase:
         self.chroma_url = chroma_url
         self.collection = collection
         self.last_add_stats = AddStats()
+        self._pending: list[ChunkRow] | None = None  # rows queued for internalization while add() batches documents
         self._lock = StoreLock(self.path / "store.lock", timeout=lock_timeout)
         self._lease = OwnerLease(self.path / "owners")
         self._chroma = ChromaStore(
@@ -520,23 +524,33 @@ class KnowledgeBase:
         stats = _StatsBuilder()
         added: list[str] = []
         self._lease.acquire()
-        with tqdm(total=len(items), unit="doc", desc="Adding to knowledge base", disable=None if progress is None else not progress) as bar:
-            for item, given_id in zip(items, ids, strict=True):
-                try:
-                    added.append(self._add_one(item, given_id, user_meta, stats))
-                except D2LError as exc:
-                    if on_error == "raise":
-                        self.last_add_stats = stats.build()
-                        raise
-                    logger.warning("Skipped %r: %s", _describe(item), exc)
-                except FileNotFoundError as exc:
-                    if on_error == "raise":
-                        self.last_add_stats = stats.build()
-                        raise
-                    logger.warning("Skipped %r: %s", _describe(item), exc)
-                bar.update(1)
-                bar.set_postfix(chunks=stats.chunks)
-        self.last_add_stats = stats.build()
+        # Several documents: their chunks are internalized together, up to ``batch_size`` at a time,
+        # instead of document by document (a GPU distills 16 chunks in about the time of one).
+        self._pending = [] if len(items) > 1 and not self.lazy else None
+        try:
+            with tqdm(total=len(items), unit="doc", desc="Adding to knowledge base",
+                      disable=None if progress is None else not progress) as bar:
+                for item, given_id in zip(items, ids, strict=True):
+                    try:
+                        added.append(self._add_one(item, given_id, user_meta, stats))
+                    except (D2LError, FileNotFoundError) as exc:
+                        if on_error == "raise":
+                            raise
+                        logger.warning("Skipped %r: %s", _describe(item), exc)
+                    bar.update(1)
+                    bar.set_postfix(chunks=stats.chunks)
+        except Exception:
+            try:  # the documents added before the bad one still get their adapters
+                self._flush_pending(stats)
+            except Exception:
+                logger.exception("Internalizing the documents added before the error failed; their adapters "
+                                 "will be made when first needed")
+            raise
+        else:
+            self._flush_pending(stats)
+        finally:
+            self._pending = None
+            self.last_add_stats = stats.build()
         return added
 
     def update(self, doc_id: str, source: Any, *, metadata: Mapping[str, Any] | None = None) -> str:
@@ -580,7 +594,7 @@ class KnowledgeBase:
         if skip:
             if not self.lazy:  # make sure its adapters exist (e.g. after a lazy phase)
                 rows = self._catalog.chunks_of(doc_id)
-                self._internalize([r for r in rows if not self.adapter_store.has(r.sha256)])
+                self._internalize_or_queue([r for r in rows if not self.adapter_store.has(r.sha256)], stats)
             return doc_id
         try:
             num_chunks = self._write_chunks(doc_id, version, source, user_meta, stats, owner)
@@ -599,6 +613,8 @@ class KnowledgeBase:
                 self._drop_unreferenced_adapters(old_shas)
             stats.store_s += time.perf_counter() - t0
         except BaseException:
+            if self._pending is not None:  # its rows are rolled back: do not internalize them later
+                self._pending = [r for r in self._pending if r.doc_id != doc_id]
             self._rollback_own_work()
             raise
         stats.documents += 1
@@ -645,11 +661,31 @@ class KnowledgeBase:
                                   [self._chroma_metadata(r) for r in rows], embeddings)
             stats.store_s += time.perf_counter() - t0
             if not self.lazy:
-                t0 = time.perf_counter()
-                stats.internalized += self._internalize([r for r in rows if not self.adapter_store.has(r.sha256)])
-                stats.internalize_s += time.perf_counter() - t0
+                self._internalize_or_queue([r for r in rows if not self.adapter_store.has(r.sha256)], stats)
             count += len(rows)
             stats.chunks += len(rows)
+
+    def _internalize_or_queue(self, rows: Sequence[ChunkRow], stats: _StatsBuilder) -> None:
+        """Internalize ``rows`` now, or queue them while ``add`` batches several documents."""
+        if self._pending is None:
+            t0 = time.perf_counter()
+            stats.internalized += self._internalize(rows)
+            stats.internalize_s += time.perf_counter() - t0
+            return
+        self._pending.extend(rows)
+        if len({r.sha256 for r in self._pending}) >= self.batch_size:
+            self._flush_pending(stats)
+
+    def _flush_pending(self, stats: _StatsBuilder) -> None:
+        """Internalize the queued rows of documents in this ``add`` call (see ``_internalize_or_queue``)."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        t0 = time.perf_counter()
+        try:
+            stats.internalized += self._internalize([r for r in rows if not self.adapter_store.has(r.sha256)])
+        finally:
+            stats.internalize_s += time.perf_counter() - t0
 
     def _rollback_own_work(self) -> None:
         """Undo this process's uncommitted rows, embeddings and orphan adapters (after an error)."""
@@ -800,9 +836,16 @@ class KnowledgeBase:
         self._require_engine("internalize chunks")
         store = self.adapter_store
         owner = self._lease.acquire()
-        adapters = self.engine.internalize_chunks(
-            [r.text for r in unique], method=self.method, chunk_ids=[r.chunk_id for r in unique]
-        )
+        try:
+            adapters = self.engine.internalize_chunks(
+                [r.text for r in unique], method=self.method, chunk_ids=[r.chunk_id for r in unique]
+            )
+        except BaseException as exc:  # an interrupted distillation hands over the chunks it finished: keep them
+            finished = getattr(exc, "adapters", None)
+            if isinstance(finished, list) and len(finished) <= len(unique):
+                for row, adapter in zip(unique, finished, strict=False):
+                    store.save(row.sha256, adapter, owner=owner)
+            raise
         if len(adapters) != len(unique):
             msg = f"The engine returned {len(adapters)} adapters for {len(unique)} chunks; expected one per chunk."
             raise D2LError(msg)

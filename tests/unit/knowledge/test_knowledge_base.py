@@ -214,3 +214,75 @@ def test_chroma_is_reconciled_with_the_catalog(make_kb) -> None:  # noqa: ANN001
     reopened = make_kb()  # opening notices the count mismatch and repairs
     assert reopened.search("Who holds hands?", k=1)[0].chunk_id == otter_chunk
     _consistent(reopened)
+
+
+def _spy_internalize(engine: D2LEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of chunks of every ``engine.internalize_chunks`` call."""
+    sizes: list[int] = []
+    real = engine.internalize_chunks
+
+    def spy(chunks, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        sizes.append(len(chunks))
+        return real(chunks, **kwargs)
+
+    monkeypatch.setattr(engine, "internalize_chunks", spy)
+    return sizes
+
+
+def test_several_documents_are_internalized_together(make_kb, engine: D2LEngine, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    sizes = _spy_internalize(engine, monkeypatch)
+    kb = make_kb()
+    ids = [f"d{i}" for i in range(5)]
+    assert kb.add([fact(f"batch{d}", 0) for d in range(5)], doc_id=ids) == ids
+    chunks = sum(kb.get(i).num_chunks for i in ids)
+    assert sizes == [chunks]  # one call for all five documents, not one per document
+    assert kb.last_add_stats.internalized == chunks and kb.last_add_stats.documents == 5
+    _consistent(kb)
+    sizes.clear()
+    small = make_kb(kb.path.parent / "small", batch_size=4)
+    added = small.add([fact(f"small{d}", 0) for d in range(5)])
+    expected, pending = [], 0  # queued chunks are internalized once batch_size (4) of them wait
+    for doc_id in added:
+        pending += small.get(doc_id).num_chunks
+        if pending >= 4:
+            expected, pending = [*expected, pending], 0
+    assert sizes == [*expected, pending] if pending else expected
+    assert len(sizes) < 5 and sum(sizes) == sum(small.get(i).num_chunks for i in added)
+    _consistent(small)
+
+
+def test_documents_added_before_an_error_keep_their_adapters(make_kb, tmp_path: Path) -> None:  # noqa: ANN001
+    kb = make_kb()
+    bad = tmp_path / "binary.txt"
+    bad.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(CorruptDocumentError, match="binary.txt"):
+        kb.add([fact("before", 0), fact("before", 1), bad, fact("after", 0)], doc_id=["a", "b", "bad", "c"])
+    assert {d.doc_id for d in kb.list()} == {"a", "b"}
+    _consistent(kb)  # a and b have their adapters; nothing of the bad file or of c is stored
+    assert kb.add([bad, fact("after", 0)], doc_id=["bad", "c"], on_error="skip") == ["c"]
+    _consistent(kb)
+
+
+def test_an_interrupted_internalization_keeps_the_finished_adapters(
+    make_kb, engine: D2LEngine, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from d2l_integrations.engine.distill import DistillationInterrupted
+
+    kb = make_kb()
+    kb.add(fact("kept", 0), doc_id="kept")
+    real = engine.internalize_chunks
+
+    def interrupted(chunks, **kwargs):  # noqa: ANN001, ANN003, ANN202 - finishes the first chunk, then Ctrl-C
+        first = real(chunks[:1], **{**kwargs, "chunk_ids": kwargs["chunk_ids"][:1]})
+        raise DistillationInterrupted(first, len(chunks))
+
+    monkeypatch.setattr(engine, "internalize_chunks", interrupted)
+    with pytest.raises(DistillationInterrupted):
+        kb.add([fact("x", 0), fact("y", 0), fact("z", 0)], doc_id=["x", "y", "z"])
+    monkeypatch.undo()
+    finished = kb.adapter_store.shas() - {c.metadata["sha256"] for c in kb.chunks("kept")}
+    assert len(finished) == 1  # the one chunk finished before the interrupt was stored
+    assert {d.doc_id for d in kb.list()} == {"kept", "x", "y", "z"}  # committed; the rest is made on first use
+    for doc_id in ("x", "y", "z"):
+        assert kb.adapters_for(kb.chunks(doc_id)).num_chunks == kb.get(doc_id).num_chunks
+    _consistent(kb)
