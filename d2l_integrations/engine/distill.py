@@ -217,13 +217,15 @@ class DistillConfig:
     def gpu(cls, **overrides: Any) -> DistillConfig:
         """The GPU preset: rank 32, alpha 64, 40 questions, 320 steps, 16 chunks per batch, no early stop.
 
-        Chosen on dev documents (``benchmarks/results/distill_curve/dev-gpu-f16-*``) and measured once
-        on eval documents (SmolLM2-135M-Instruct, one H200; ``training_log.md``, session 4): needles
-        8/8, made-up facts 45 % of full context (``eval-gpu-f16-r32``, 4.7 s per chunk), SQuAD
+        Chosen on dev documents (``benchmarks/results/distill_curve/dev-gpu-f16-*``) and measured
+        on eval documents (SmolLM2-135M-Instruct, one H200; ``training_log.md``, sessions 4 and 5): needles
+        8/8, made-up facts 45 % of full context (``eval-gpu-f16-r32``, 4.7 s per chunk; 33 % on 32
+        documents in session 5, ``eval-gpu-f32-base``), SQuAD
         paragraphs 76 % of full-context token F1 (16 paragraphs, ``eval-gpu-squad16-r32``, 4.6 s per
         chunk; 74 % at 160 steps on 48 paragraphs). The CPU defaults (rank 8, 40 steps) reach 52 % on
         the same 16 paragraphs (``eval-gpu-squad16-r8``). Seconds are per chunk with 16 chunks
-        trained together; one chunk alone was not measured. ``overrides`` replace preset fields.
+        trained together; one chunk alone took ~50 s through ``D2LEngine`` on an H200
+        (``benchmarks/gpu_engine_check.py``). ``overrides`` replace preset fields.
         """
         preset: dict[str, Any] = {"rank": 32, "alpha": 64.0, "max_questions": 40, "max_steps": 320,
                                   "chunks_per_batch": 16, "patience": 0}
