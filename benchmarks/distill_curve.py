@@ -63,6 +63,7 @@ question_style = "cloze"  # or "wh", "context" (questions.build_questions)
 held_out_fraction = 0.15  # 0: train on every question (early stopping is off here anyway)
 targets = "down_proj"  # comma-separated LoRA target modules
 about_questions = 3
+lr_schedule = "constant"  # or "cosine" (decays to 0 at the largest budget)
 alpha = 16.0
 answer_tokens = 24
 seed = 0
@@ -176,6 +177,7 @@ def main() -> None:
         rank=rank, alpha=alpha, lr=lr, max_steps=steps[-1], patience=0, chunks_per_batch=chunks_per_batch,
         max_questions=max_questions, teacher_max_new_tokens=teacher_max_new_tokens, seed=seed, question_style=question_style,
         held_out_fraction=held_out_fraction, target_modules=tuple(targets.split(",")), about_questions=about_questions,
+        lr_schedule=lr_schedule,
     )
     distill = DistillInternalizer(config)
     run = run_name or f"{split}-{device}-{time.strftime('%Y%m%d-%H%M%S')}"

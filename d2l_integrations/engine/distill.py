@@ -119,6 +119,8 @@ class DistillConfig:
             ``"wh"`` adds question-word forms ("In what year, ...?") and asks about dates, numbers,
             names and last words first; ``"context"`` quotes the two previous sentences in each cloze
             and names the topic in full.
+        lr_schedule: ``"constant"`` (measured default) or ``"cosine"`` (the first step at ``lr``,
+            then a half cosine towards 0 at ``max_steps``, which must be set).
     """
 
     rank: int = 8
@@ -145,6 +147,7 @@ class DistillConfig:
     teacher_logprob_dtype: str = "bfloat16"
     seed: int = 0
     question_style: str = "cloze"
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         positive_ints = ("rank", "batch_size", "chunks_per_batch", "max_questions", "teacher_max_new_tokens",
@@ -189,6 +192,12 @@ class DistillConfig:
         if self.question_style not in QUESTION_STYLES:
             msg = f"DistillConfig.question_style must be one of {', '.join(QUESTION_STYLES)}, got {self.question_style!r}."
             raise ConfigError(msg)
+        if self.lr_schedule not in ("constant", "cosine"):
+            msg = f"DistillConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}."
+            raise ConfigError(msg)
+        if self.lr_schedule == "cosine" and self.max_steps is None:
+            msg = "DistillConfig.lr_schedule='cosine' decays to 0 at max_steps: set max_steps (it is None)."
+            raise ConfigError(msg)
         if self.teacher_logprob_dtype not in _DTYPES:
             msg = f"DistillConfig.teacher_logprob_dtype must be one of {sorted(_DTYPES)}, got {self.teacher_logprob_dtype!r}."
             raise ConfigError(msg)
@@ -204,8 +213,9 @@ class DistillConfig:
         for key, value in d.items():
             if isinstance(value, tuple):
                 d[key] = list(value)
-        if d["question_style"] == "cloze":  # the default before the field existed: settings hashes stay as they were
-            del d["question_style"]
+        for key, default in (("question_style", "cloze"), ("lr_schedule", "constant")):
+            if d[key] == default:  # defaults of fields added later: settings hashes stay as they were
+                del d[key]
         return dict(sorted(d.items()))
 
     @classmethod
@@ -995,6 +1005,9 @@ class _GroupTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.sum().backward()
                 self._clip_per_chunk()
+                if cfg.lr_schedule == "cosine":  # step 0 trains at lr, the last step near 0
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max_steps))
                 self.optimizer.step()
                 step += 1
                 for c in range(n):

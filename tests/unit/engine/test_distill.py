@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import pytest
 import torch
@@ -360,3 +361,27 @@ def test_wh_questions_train_end_to_end(base: BaseModel) -> None:
     [result] = distill.distill_chunks(base, [DOC_A])
     first, last = result.train_kl
     assert result.steps == 12 and last < first
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(base: BaseModel) -> None:
+    assert "lr_schedule" not in DistillConfig().to_dict()  # adapter stores made before the field keep their keys
+    cosine = DistillConfig(lr_schedule="cosine")
+    assert DistillConfig.from_dict(cosine.to_dict()) == cosine and cosine.settings_hash() != DistillConfig().settings_hash()
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        DistillConfig(lr_schedule="linear")
+    with pytest.raises(ConfigError, match="set max_steps"):
+        DistillConfig(lr_schedule="cosine", max_steps=None, max_seconds=5.0)
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    cfg = _config(max_steps=8, patience=0, lr=1e-2, lr_schedule="cosine")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", record)
+        DistillInternalizer(cfg).distill_chunks(base, [DOC_A])
+    assert len(seen) == 8 and seen[0] == pytest.approx(1e-2)
+    assert all(a > b for a, b in zip(seen, seen[1:], strict=False))
+    assert seen[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(7 * math.pi / 8)))  # ~4e-4: the last step is small
