@@ -64,6 +64,7 @@ held_out_fraction = 0.15  # 0: train on every question (early stopping is off he
 targets = "down_proj"  # comma-separated LoRA target modules
 about_questions = 3
 lr_schedule = "constant"  # or "cosine" (decays to 0 at the largest budget)
+gpu_memory_fraction = 0.0  # cap this process's share of GPU memory (0: no cap), to share one GPU with other jobs
 alpha = 16.0
 answer_tokens = 24
 seed = 0
@@ -171,6 +172,8 @@ def write_report(folder: Path, run: str, config: DistillConfig, steps: list[int]
 def main() -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    if gpu_memory_fraction and device.startswith("cuda"):
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
     steps = sorted(int(s) for s in budgets.split(","))
     base = load_base_model(model, device=device, dtype=dtype)
     config = DistillConfig(

@@ -98,7 +98,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")
     p.add_argument("--teacher-answers", default=None,
                    help="teacher_answers.json(.gz) of an earlier run to seed --work with (skips regenerating them)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.0,
+                   help="cap this process's share of GPU memory (0: no cap). Uncapped, the trainer held 99-121 GB "
+                        "of an H200 (session 5) and jobs sharing the GPU ran out of memory; whether it needs that much "
+                        "or caches it was not measured")
     args = p.parse_args(argv)
+    if args.gpu_memory_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from d2l_integrations.engine.base_model import load_base_model
