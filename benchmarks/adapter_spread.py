@@ -19,7 +19,7 @@ word of the document instead of the answer: a network that tracks facts moves mo
 (what the hypernetwork reads), as a reference. These numbers are about the adapter, not about
 answers: the diagnostic table of ``train_d2l`` says whether answers follow.
 
-Run (CPU, ~10 min for two checkpoints):
+Run (CPU, 2 cores: 5-15 min per checkpoint at --n 24, measured in session 5; --control adds half):
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.adapter_spread --checkpoints d2l_integrations/checkpoints/smollm2-135m-instruct
 """
 
