@@ -224,6 +224,8 @@ def main() -> None:
             "held_out_kl": [r.held_out_kl for r in results],
             "wall_seconds": wall,
         }
+        if device.startswith("cuda"):  # what a job sharing the GPU must leave room for
+            summary[task]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(task, json.dumps(summary[task]["accuracy"]), "s/chunk", seconds, flush=True)
         answers_log.flush()
         write_report(folder, run, config, steps, summary, str(base.dtype))  # after each task: partial runs keep results

@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         done = trainer.precompute_teacher_responses()
         print(json.dumps({"teacher_answers_generated": done, "cached": len(trainer._teacher_answers), "s": round(time.time() - t0, 1)}), flush=True)
         res = trainer.train(deadline=time.time() + 60 * args.minutes, on_log=lambda d: print(json.dumps(d), flush=True))
-        print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen}), flush=True)
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if base.device.type == "cuda" else None
+        print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen,
+                          "peak_gpu_gib": peak}), flush=True)
     table = {}
     if args.eval:
         table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),

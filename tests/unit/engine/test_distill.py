@@ -112,6 +112,9 @@ def test_config_round_trips_and_rejects_bad_budgets() -> None:
 def test_gpu_preset_and_device_choice() -> None:
     gpu = DistillConfig.gpu()
     assert (gpu.rank, gpu.alpha, gpu.max_questions, gpu.max_steps, gpu.chunks_per_batch, gpu.patience) == (32, 64.0, 40, 320, 16, 0)
+    assert (gpu.question_style, gpu.held_out_fraction, gpu.lr_schedule) == ("wh", 0.0, "cosine")
+    old = DistillConfig.gpu(question_style="cloze", held_out_fraction=0.15, lr_schedule="constant")
+    assert old.settings_hash() != gpu.settings_hash()  # adapters made with the older preset are not reused
     assert DistillConfig.gpu(max_steps=160).max_steps == 160 and DistillConfig.gpu(max_steps=160).rank == 32
     assert DistillConfig.for_device(torch.device("cuda", 0)) == gpu
     assert DistillConfig.for_device("cuda") == gpu
