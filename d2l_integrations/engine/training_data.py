@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d2l_integrations.engine.questions import _copula_question, find_spans  # stdlib only
+from d2l_integrations.engine.questions import _STOPWORDS, _copula_question, find_spans  # stdlib only
 
 NEEDLE_QUESTION = "What is the special magic number? Reply with only the number."
 FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -371,14 +371,17 @@ class TextTask:
         self._p = sizes / sizes.sum()  # every sentence of the corpus is equally likely to start a passage
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
 
-    def _question(self, sentence: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    def _question(self, sentence: str, rng: np.random.Generator, keep=None) -> tuple[str, str] | None:  # noqa: ANN001
+        """A cue question on one span of ``sentence``; ``keep(answer)`` (if given) must accept the answer."""
         if rng.random() < 0.25:
             cop = _copula_question(sentence)
             first = sentence.split()[0]
             if (cop is not None and 1 <= len(cop[1].split()) <= 5
-                    and (first in _TEXT_SUBJECT_OPENERS or (first[:1].isupper() and first.lower() not in _TEXT_NOT_SUBJECT))):
+                    and (first in _TEXT_SUBJECT_OPENERS or (first[:1].isupper() and first.lower() not in _TEXT_NOT_SUBJECT))
+                    and (keep is None or keep(cop[1].rstrip(",;:")))):
                 return cop[0], cop[1].rstrip(",;:")
-        spans = [s for s in find_spans(sentence) if s.kind in _TEXT_SPAN_KINDS and s.start > 0]
+        spans = [s for s in find_spans(sentence) if s.kind in _TEXT_SPAN_KINDS and s.start > 0
+                 and (keep is None or keep(sentence[s.start:s.end].rstrip(",;:")))]
         if not spans:
             return None
         span = spans[int(rng.integers(len(spans)))]
@@ -407,15 +410,91 @@ class TextTask:
             chosen = _window(sents, int(rng.integers(len(sents))), target)
             if sum(len(c) + 1 for c in chosen) < target // 3:  # the document ended: too short to ask about
                 continue
+            chosen, keep = self._prepare(chosen, rng)
             doc, out, asked = " ".join(chosen), [], set()
             for j in [int(i) for i in rng.permutation(len(chosen))] * 2:  # other sentences first, then repeats
-                qa = self._question(chosen[j], rng)
+                qa = self._question(chosen[j], rng, keep)
                 if qa is None or qa[0] in asked:
                     continue
                 asked.add(qa[0])
                 out.append(Example(doc, qa[0], qa[1], qa[1], (qa[1],), self.name))
                 if len(out) == k:
                     return out
+
+    def _prepare(self, chosen: list[str], rng: np.random.Generator):  # noqa: ANN202 - (sentences, answer filter)
+        """The passage as asked about, and a filter on answers (None: any span)."""
+        return chosen, None
+
+
+_SWAP_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?<=\d)(?![\w])")
+_SWAP_WORD = re.compile(r"\b[A-Z][a-z]{2,}\b")
+_NOT_SWAPPED = frozenset(
+    "january february march april may june july august september october november december monday tuesday wednesday "
+    "thursday friday saturday sunday i mr mrs ms dr st".split())
+
+
+def _opens_sentence(before: str) -> bool:
+    """Whether a word preceded by ``before`` opens a sentence (or a quotation, or a parenthesis)."""
+    before = before.rstrip()
+    if re.search(r"\b(?:Mr|Mrs|Ms|Dr|St)\.$", before):
+        return False
+    return not before or before[-1] in ".!?:\"'“”‘’([—-"
+
+
+class TextSwapTask(TextTask):
+    """``text`` whose names and numbers are made up afresh on every draw, asked only about those.
+
+    The passage is natural prose from ``text_corpus(split)``. Every capitalised word that occurs
+    somewhere other than at the start of a sentence (a name, not just a sentence opener) and every
+    number is replaced, consistently within the passage, by a made-up word of invented syllables or
+    a random number with as many digits. Questions (the ``text`` cue format) are asked only about
+    spans that contain a replaced word, so their answers are new on every draw: memorising the
+    corpus, which a 1.7 MB corpus invites (run S7p, ``training_log.md`` session 6), cannot answer
+    them, and reading the passage can.
+    """
+
+    name = "text_swap"
+
+    def _prepare(self, chosen: list[str], rng: np.random.Generator):  # noqa: ANN202
+        names = {m.group(0) for sent in chosen for m in _SWAP_WORD.finditer(sent)
+                 if not _opens_sentence(sent[:m.start()]) and m.group(0).lower() not in _STOPWORDS
+                 and m.group(0).lower() not in _NOT_SWAPPED}
+        mapping: dict[str, str] = {}
+        used: set[str] = set(names)
+
+        def made_up_name(word: str) -> str:
+            while True:
+                new = _syl_word(rng, 2 if len(word) <= 6 else 3).capitalize()
+                if new not in used:
+                    used.add(new)
+                    return new
+
+        def swap_word(m: re.Match) -> str:
+            w = m.group(0)
+            if w not in names:
+                return w
+            if w not in mapping:
+                mapping[w] = made_up_name(w)
+            return mapping[w]
+
+        def swap_number(m: re.Match) -> str:
+            n = m.group(0)
+            if n not in mapping:
+                if re.fullmatch(r"1\d{3}|20\d\d", n):  # a year stays a plausible year
+                    mapping[n] = str(int(rng.integers(1100, 2100)))
+                else:
+                    digits = [str(int(rng.integers(1, 10)))] + [str(int(rng.integers(0, 10))) for c in n if c.isdigit()][1:]
+                    it = iter(digits)
+                    mapping[n] = "".join(next(it) if c.isdigit() else c for c in n)
+            return mapping[n]
+
+        swapped = [_SWAP_NUMBER.sub(swap_number, _SWAP_WORD.sub(swap_word, sent)) for sent in chosen]
+        new_tokens = set(mapping.values())
+
+        def keep(answer: str) -> bool:
+            return any(tok.strip(".,;:'\"()") in new_tokens for tok in answer.split())
+
+        return swapped, keep
 
 
 # ------------------------------------------------------------------------------- varied facts
@@ -695,12 +774,12 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``squad``.
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``squad``.
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
     A final ``*k`` asks up to ``k`` questions about each drawn document in the same batch (tasks with a
-    ``sample_group``: ``text``, ``squad``, ``facts_varied``): ``text/1-3+d1*4``.
+    ``sample_group``: ``text``, ``text_swap``, ``squad``, ``facts_varied``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
     m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)
@@ -733,12 +812,13 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsBioTask()
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
-    if name == "text":
-        return TextTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
+    if name in ("text", "text_swap"):
+        cls = TextTask if name == "text" else TextSwapTask
+        return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name == "squad":
         return SquadTask(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, squad.")
+           "facts_varied, facts_bio, cloze, text, text_swap, squad.")
     raise ValueError(msg)
 
 

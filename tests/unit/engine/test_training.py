@@ -403,6 +403,43 @@ def test_text_task_asks_with_a_short_cue_from_disjoint_corpora():
     assert make_task("text/1-3+d1").name == "text/1-3+d1"
 
 
+def test_text_swap_makes_names_and_numbers_up_afresh_and_asks_only_about_them():
+    from d2l_integrations.engine.training_data import TextSwapTask, _opens_sentence, text_corpus
+
+    try:
+        corpus = {s for d in text_corpus("eval") for s in d}
+    except FileNotFoundError:
+        pytest.skip("text corpora not available")
+    task, rng = TextSwapTask(split="eval", min_tokens=128, max_tokens=256), np.random.default_rng(0)
+    answers, swapped_docs = [], 0
+    for _ in range(30):
+        group = task.sample_group(rng, 4)
+        doc = group[0].doc
+        assert len({e.doc for e in group}) == 1 and all(e.key in doc for e in group)
+        swapped_docs += any(s not in corpus for s in doc.split(". "))  # the passage is not the corpus text any more
+        for e in group:
+            cue = e.question.split('"... ', 1)[-1].rsplit(' ..."', 1)[0]
+            assert "___" not in cue or cue.replace("___", e.key) in doc
+            answers.append(e.key)
+    assert swapped_docs >= 25
+    # one passage, two draws: the same prose with other names and numbers, consistent within the passage
+    sents = ["In 1921, Gramir Holt opened a mill in Dunmore.", "The mill had 42 looms.", "Holt sold it in 1950 to Dunmore's mayor."]
+    (a, keep_a), (b, keep_b) = task._prepare(sents, np.random.default_rng(1)), task._prepare(sents, np.random.default_rng(2))
+    assert a != b and [len(x.split()) for x in a] == [len(x.split()) for x in sents]
+    for out in (a, b):
+        assert "Holt" not in " ".join(out) and "Dunmore" not in " ".join(out) and "42" not in " ".join(out)
+        holt = out[0].split()[3]
+        assert out[2].startswith(holt)  # the sentence-opening 'Holt' is the same made-up name
+        assert out[1].startswith("The mill had ")  # ordinary words stay
+    assert keep_a(a[1].split()[3]) and keep_b(b[1].split()[3]) and not keep_a("looms") and not keep_a("mill")
+    assert task.sample_group(np.random.default_rng(7), 1) == task.sample_group(np.random.default_rng(7), 1)  # pure in the rng
+    # every answer holds a number or a made-up word that the corpus does not have
+    vocab = {w.strip(".,;:'\"()") for sent in corpus for w in sent.split()}
+    fresh = [any(t.strip(".,;:'\"()").isdigit() or t.strip(".,;:'\"()") not in vocab for t in a.split()) for a in answers]
+    assert sum(fresh) >= 0.95 * len(answers)
+    assert _opens_sentence("") and _opens_sentence('He said. "') and not _opens_sentence("met Mr.") and not _opens_sentence("with")
+
+
 def test_grouped_tasks_ask_several_questions_about_one_document():
     from d2l_integrations.engine.training_data import GroupedTask, TaskMix, make_task, one_question_per_document
 
