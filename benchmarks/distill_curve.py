@@ -42,6 +42,7 @@ from d2l_integrations.engine.base_model import BaseModel, load_base_model
 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
 from d2l_integrations.engine.lora import LoRAAdapter
 from d2l_integrations.engine.synthetic import make_fact_documents
+from d2l_integrations.engine.training_data import _read_jsonl
 
 # ----------------------------------------------------------------------------- settings
 model = "default"  # SmolLM2-135M-Instruct (embedded GGUF)
@@ -84,7 +85,7 @@ DATA = Path(os.environ.get("D2L_DATA_DIR", REPO.parent / "shared" / "data"))
 
 def needle_docs(n: int) -> list[dict]:
     """Needle haystacks: dev = rows 0.., eval = rows 500.. of the 128-256 token bin."""
-    rows = [json.loads(line) for line in open(DATA / "magic_number_niah" / "test_128_256.jsonl")]
+    rows = _read_jsonl(DATA / "magic_number_niah" / "test_128_256.jsonl")
     start = 0 if split == "dev" else 500
     return [{"id": r["id"], "text": r["context"], "questions": [(r["question"], r["answers"])], "metric": "niah"}
             for r in rows[start:start + n]]
@@ -101,8 +102,7 @@ def squad_docs(n: int) -> list[dict]:
     """SQuAD v1.1 dev paragraphs of 60-160 words; dev = first articles of the file, eval = last ones
     minus ``benchmarks.datasets.EVAL_EXCLUDED_TITLES`` (router calibration, hypernetwork training)."""
     by_para: dict[tuple[str, int], dict] = {}
-    for line in open(DATA / "squad" / "squad_v1.1_dev_open.jsonl"):
-        r = json.loads(line)
+    for r in _read_jsonl(DATA / "squad" / "squad_v1.1_dev_open.jsonl"):  # or its .gz, as staged on the GPU machine
         key = (r["title"], r["para_index"])
         para = by_para.setdefault(key, {"id": f"{r['title']}-{r['para_index']}", "text": r["context"], "questions": [],
                                         "metric": "f1"})

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")
     p.add_argument("--teacher-answers", default=None,
                    help="teacher_answers.json(.gz) of an earlier run to seed --work with (skips regenerating them)")
+    p.add_argument("--targets", default=None,
+                   help="folder of distill target adapters (benchmarks/distill_targets.py) for the 'targets' task")
+    p.add_argument("--recon-weight", type=float, default=0.0,
+                   help="weight of the reconstruction loss towards the distill targets (rows of the 'targets' task)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.0,
                    help="cap this process's share of GPU memory (0: no cap). Uncapped, the trainer held 99-121 GB "
                         "of an H200 (session 5) and jobs sharing the GPU ran out of memory; whether it needs that much "
@@ -114,11 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
     for prm in hyper.parameters():
         prm.requires_grad_(True)
-    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3}
+    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
     tasks = _parse_tasks(args.tasks)
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
-                         skip_wrong_teacher=args.skip_wrong_teacher)
+                         skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight)
     cache = Path(args.work) / "teacher_answers.json"
     if args.teacher_answers and not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)

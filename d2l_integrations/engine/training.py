@@ -95,6 +95,9 @@ class TrainingConfig:
             ``teacher_response``); they are generated once per (document, question) and cached.
         skip_wrong_teacher: drop examples whose teacher answer contains none of the gold answers
             (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
+        recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
+            (the ``targets`` task): the relative squared Frobenius distance between the generated
+            delta (document adapter plus bias) and the target's, summed over layers. 0 turns it off.
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -119,8 +122,12 @@ class TrainingConfig:
     system_prompt: str | None = None
     teacher_max_new_tokens: int = 40
     skip_wrong_teacher: bool = False
+    recon_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.recon_weight) and self.recon_weight >= 0):
+            msg = f"recon_weight must be a finite number >= 0, got {self.recon_weight}."
+            raise ValueError(msg)
         if self.batch_size < 1 or self.max_steps < 1:
             msg = f"batch_size and max_steps must be >= 1, got {self.batch_size} and {self.max_steps}."
             raise ValueError(msg)
@@ -200,6 +207,62 @@ def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
 def _roll(factors: Factors, shift: int = 1) -> Factors:
     """Row i gets row i+shift's factors: the mismatched-document control."""
     return {m: (a.roll(shift, 0), b.roll(shift, 0)) for m, (a, b) in factors.items()}
+
+
+def _frob2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum over layers of ||B^T A||_F^2`` for ``A [L, r, d_in]``, ``B [L, r, d_out]``, through the
+    r x r Gram matrices (never the d_out x d_in delta)."""
+    return ((b @ b.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum()
+
+
+def delta_distance(factors: Factors, rows: Sequence[int], targets: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+                   scaling: float, bias: Factors | None = None) -> torch.Tensor:
+    """Mean over ``rows`` of ``||dW_generated - dW_target||^2 / ||dW_target||^2`` (all layers and modules).
+
+    ``dW_generated = scaling * (B_row^T A_row + B_bias^T A_bias)``, as ``lora_forward`` applies it;
+    ``targets[j][module] = (A [L, r, d_in], B [L, r, d_out])`` with the target's scaling folded into B.
+    """
+    out = []
+    for row, target in zip(rows, targets, strict=True):
+        num = den = torch.zeros((), device=next(iter(factors.values()))[0].device)
+        for m, (ta, tb) in target.items():
+            parts_a, parts_b = [factors[m][0][row].float()], [factors[m][1][row].float() * scaling]
+            if bias is not None and m in bias:
+                parts_a.append(bias[m][0].float())
+                parts_b.append(bias[m][1].float() * scaling)
+            parts_a.append(ta.float())
+            parts_b.append(-tb.float())
+            num = num + _frob2(torch.cat(parts_a, 1), torch.cat(parts_b, 1))
+            den = den + _frob2(ta.float(), tb.float())
+        out.append(num / den.clamp_min(1e-12))
+    return torch.stack(out).mean()
+
+
+def save_target(path: str | os.PathLike[str], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write one target adapter (``module -> (A [L, r, d_in], B [L, r, d_out])``, scaling folded into B)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{m}.{k}": t.detach().to(torch.bfloat16).contiguous().cpu() for m, (a, b) in factors.items() for k, t in (("A", a), ("B", b))}
+    save_file(tensors, str(path))
+
+
+def load_target(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of ``save_target``."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path), device=str(device))
+    mods = sorted({k.rsplit(".", 1)[0] for k in raw})
+    return {m: (raw[f"{m}.A"], raw[f"{m}.B"]) for m in mods}
+
+
+_MAX_CACHED_TARGETS = 1024
+
+
+def _innermost(task: object) -> object:
+    """The base task under ``*k`` grouping and ``/k`` chunking wrappers."""
+    while hasattr(task, "task"):
+        task = task.task  # type: ignore[attr-defined]
+    return task
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -373,6 +436,8 @@ class DistillationTrainer:
         self.tokens_seen = 0
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
         self._teacher_answers: dict[tuple[str, str], str] = {}
+        self._targets: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._target_folders = [t.folder for t in map(_innermost, self.train_data.tasks) if hasattr(t, "folder")]
 
     # ------------------------------------------------------------------------------ passes
     def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, *, hidden: bool = False) -> tuple[torch.Tensor, Any]:
@@ -479,6 +544,22 @@ class DistillationTrainer:
             out.append(e)
         return out
 
+    def target(self, target_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The ``distill`` target adapter ``target_id`` (from a ``targets`` task's folder), cached on the device."""
+        if target_id not in self._targets:
+            if len(self._targets) >= _MAX_CACHED_TARGETS:  # ~4 MB each at rank 32: keep the newest
+                self._targets.pop(next(iter(self._targets)))
+            for folder in self._target_folders:
+                path = Path(folder) / f"{target_id}.safetensors"
+                if path.is_file():
+                    self._targets[target_id] = load_target(path, self.device)
+                    break
+            else:
+                msg = (f"Target adapter {target_id!r} is in a targets index but not beside it in {self._target_folders}; "
+                       "re-run benchmarks/distill_targets.py into that folder (it resumes).")
+                raise FileNotFoundError(msg)
+        return self._targets[target_id]
+
     def bias(self) -> Factors | None:
         fn = getattr(self.hypernet, "bias_factors", None)
         return fn() if fn is not None else None
@@ -536,6 +617,11 @@ class DistillationTrainer:
         s_logits = self.student(batch, factors)
         parts = self.losses(t_logits, s_logits, batch)
         loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
+        recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
+        if recon_rows:
+            recon = delta_distance(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows],
+                                   self.scaling, self.bias())
+            loss = loss + c.recon_weight * recon
         if not torch.isfinite(loss):
             msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
             raise FloatingPointError(msg)
@@ -549,6 +635,8 @@ class DistillationTrainer:
         self.tokens_seen += int(batch.teacher_ids.numel() + batch.student_ids.numel())
         rec = {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
                "key_acc": parts["key_acc"].mean().item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1)}
+        if recon_rows:
+            rec.update(recon=recon.item(), recon_rows=float(len(recon_rows)))
         t3 = time.perf_counter()
         rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes
         return rec

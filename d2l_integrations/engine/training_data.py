@@ -14,6 +14,9 @@ Tasks (``make_task(name, ...)``):
 - ``cloze``: a passage of WikiText-2 with one number or capitalised word blanked in a sentence.
 - ``text``: a passage of a large pooled natural-text corpus (WikiText-2, essays, Sherlock Holmes,
   SQuAD training paragraphs) asked about with a short cue, so that memorising does not answer it.
+- ``text_swap``: ``text`` whose names and numbers are made up afresh on every draw, asked only
+  about those (the corpus is small enough to memorise; made-up answers are not).
+- ``targets``: documents with a precomputed ``distill`` adapter, for the reconstruction loss.
 
 Splits are disjoint by source: essays are split by id (the last ``HELD_OUT_ESSAYS`` sorted ids
 are held out), cloze trains on WikiText-2 ``valid`` articles and evaluates on ``test`` articles,
@@ -65,6 +68,8 @@ class Example:
         teacher_doc: what the teacher reads to write that answer when it is not ``doc`` (e.g. the
             one paragraph holding the answer), so answers are shared across documents. The KL
             targets always come from the teacher reading ``doc``.
+        target: id of a ``distill`` adapter made from ``doc`` (``TargetTask``); with
+            ``TrainingConfig.recon_weight`` the trainer also pulls the generated delta towards it.
     """
 
     doc: str
@@ -76,6 +81,7 @@ class Example:
     chunks: tuple[str, ...] = ()
     teacher_response: bool = False
     teacher_doc: str = ""
+    target: str = ""
 
 
 def data_dir() -> Path:
@@ -683,6 +689,44 @@ class SquadTask:
 
 
 # ---------------------------------------------------------------------------------- multi-chunk
+class TargetTask:
+    """Documents with a precomputed ``distill`` adapter, asked the questions they were distilled on.
+
+    ``targets_dir`` (or ``$D2L_TARGETS_DIR``) is a folder written by ``benchmarks/distill_targets.py``:
+    ``index.jsonl`` (one line per document: ``target`` id, ``doc``, ``questions`` as
+    ``[question, answer]`` pairs) and ``<target>.safetensors`` (the adapter's factors). Every
+    example carries its document's ``target`` id, so the trainer can add the reconstruction loss
+    (Text-to-LoRA's signal: a direct, document-specific target for the generated delta). The last
+    twentieth of the index (at least one document) is the ``eval`` split and is never trained on.
+    """
+
+    name = "targets"
+
+    def __init__(self, *, split: str = "train", targets_dir: str | os.PathLike[str] | None = None) -> None:
+        folder = Path(targets_dir or os.environ.get("D2L_TARGETS_DIR", "") or ".")
+        index = folder / "index.jsonl"
+        if not index.is_file():
+            msg = (f"No distill targets at {index}. Make them with `python -m benchmarks.distill_targets --out DIR` and "
+                   "pass the folder as targets_dir (train_d2l --targets DIR) or in $D2L_TARGETS_DIR.")
+            raise FileNotFoundError(msg)
+        rows = [r for r in _read_jsonl(index) if r.get("questions") and r.get("doc", "").strip()]
+        if len(rows) < 2:
+            msg = f"{index} has {len(rows)} usable documents; the train and eval splits need at least 2."
+            raise ValueError(msg)
+        n_eval = max(1, len(rows) // 20)
+        self.folder = folder
+        self._rows = rows[-n_eval:] if split != "train" else rows[:-n_eval]
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
+        r = self._rows[int(rng.integers(len(self._rows)))]
+        order = [int(i) for i in rng.permutation(len(r["questions"]))]
+        picked = [r["questions"][i] for i in (order * k)[:k]]  # a short list repeats rather than ending the group
+        return [Example(r["doc"], q, a, a, (a,), self.name, target=str(r["target"])) for q, a in picked]
+
+
 def split_chunks(doc: str, k: int) -> tuple[str, ...]:
     """``doc`` cut into ``k`` contiguous pieces at line (else sentence) boundaries, sizes balanced."""
     sep = "\n" if "\n" in doc else " "
@@ -774,12 +818,13 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``squad``.
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``squad``
+    / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
     A final ``*k`` asks up to ``k`` questions about each drawn document in the same batch (tasks with a
-    ``sample_group``: ``text``, ``text_swap``, ``squad``, ``facts_varied``): ``text/1-3+d1*4``.
+    ``sample_group``: ``text``, ``text_swap``, ``squad``, ``facts_varied``, ``targets``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
     m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)
@@ -815,10 +860,12 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
     if name in ("text", "text_swap"):
         cls = TextTask if name == "text" else TextSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
+    if name == "targets":
+        return TargetTask(split=split, **{k: v for k, v in kwargs.items() if k == "targets_dir"})
     if name == "squad":
         return SquadTask(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, text_swap, squad.")
+           "facts_varied, facts_bio, cloze, text, text_swap, squad, targets.")
     raise ValueError(msg)
 
 

@@ -477,3 +477,78 @@ def test_trainer_takes_grouped_tasks_and_evaluates_them_one_question_per_documen
     docs = [e.doc for e in trainer.eval_sets["text/1-2"]]
     assert all(a != b for a, b in itertools.pairwise(docs))  # the mismatched control's neighbour is another document
     assert np.isfinite(trainer.train_step()["loss"])
+
+
+# ------------------------------------------------------------------------------- distill targets
+def test_delta_distance_is_the_relative_frobenius_error_of_the_full_deltas():
+    from d2l_integrations.engine.training import delta_distance
+
+    torch.manual_seed(0)
+    L, r, rt, d_in, d_out, s = 3, 2, 4, 7, 5, 1.7
+    gen = {"down_proj": (torch.randn(2, L, r, d_in), torch.randn(2, L, r, d_out))}
+    bias = {"down_proj": (torch.randn(L, 1, d_in), torch.randn(L, 1, d_out))}
+    tgt = {"down_proj": (torch.randn(L, rt, d_in), torch.randn(L, rt, d_out))}
+
+    def full(a, b):  # [L, r, d_in], [L, r, d_out] -> [L, d_out, d_in]
+        return b.transpose(1, 2) @ a
+
+    want = []
+    for row in (0, 1):
+        d_gen = s * (full(gen["down_proj"][0][row], gen["down_proj"][1][row]) + full(*bias["down_proj"]))
+        d_tgt = full(*tgt["down_proj"])
+        want.append(((d_gen - d_tgt) ** 2).sum() / (d_tgt ** 2).sum())
+    got = delta_distance(gen, [0, 1], [tgt, tgt], s, bias)
+    assert torch.allclose(got, torch.stack(want).mean(), rtol=1e-4)
+    exact = {"down_proj": (tgt["down_proj"][0].unsqueeze(0), tgt["down_proj"][1].unsqueeze(0) / s)}
+    assert delta_distance(exact, [0], [tgt], s).item() < 1e-8  # the target itself is at distance 0
+
+
+def _write_targets(folder, base, n_docs: int, rank: int = 3) -> list[str]:
+    from d2l_integrations.engine.training import save_target
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (_, d_in, d_out), = base.module_dims(["down_proj"])
+    ids = []
+    with open(folder / "index.jsonl", "w") as f:
+        for i in range(n_docs):
+            tid = f"t{i}"
+            g = torch.Generator().manual_seed(i)
+            save_target(folder / f"{tid}.safetensors", {"down_proj": (torch.randn(base.num_layers, rank, d_in, generator=g),
+                                                                      torch.randn(base.num_layers, rank, d_out, generator=g) * 0.05)})
+            f.write(json.dumps({"target": tid, "doc": f"Document {i} says the code is {1000 + i}.",
+                                "questions": [["What is the code?", str(1000 + i)], ["Which document is it?", f"Document {i}"]]}) + "\n")
+            ids.append(tid)
+    return ids
+
+
+def test_targets_task_splits_the_index_and_says_how_to_make_one(tmp_path, tiny_base):
+    from d2l_integrations.engine.training_data import TargetTask, make_task
+
+    with pytest.raises(FileNotFoundError, match="distill_targets"):
+        TargetTask(targets_dir=tmp_path / "none")
+    ids = _write_targets(tmp_path / "t", tiny_base, 40)
+    train, held = TargetTask(targets_dir=tmp_path / "t"), make_task("targets", split="eval", targets_dir=tmp_path / "t")
+    assert {r["target"] for r in held._rows} == {"t38", "t39"} and not {r["target"] for r in train._rows} & {"t38", "t39"}
+    group = make_task("targets*3", targets_dir=tmp_path / "t").sample_group(np.random.default_rng(0), 3)
+    assert len(group) == 3 and len({e.doc for e in group}) == 1 and all(e.target in ids and e.key in e.doc for e in group)
+
+
+def test_trainer_pulls_generated_deltas_towards_distill_targets(tmp_path, tiny_base):
+    _write_targets(tmp_path / "t", tiny_base, 8)
+    kw = {"targets*2": {"targets_dir": str(tmp_path / "t")}}
+    plain = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("targets*2", 1.0),), task_kwargs=kw))
+    assert "recon" not in plain.train_step()  # recon_weight 0: the rows train on their questions only
+    torch.manual_seed(0)
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base),
+                                  config(tasks=(("targets*2", 1.0),), task_kwargs=kw, recon_weight=1.0, kl_weight=0.0, ce_weight=0.0, lr=3e-3))
+    recs = [trainer.train_step() for _ in range(30)]
+    assert all(r["recon_rows"] == 4 for r in recs)
+    first, last = np.mean([r["recon"] for r in recs[:5]]), np.mean([r["recon"] for r in recs[-5:]])
+    assert last < 0.9 * first  # the reconstruction gradient reaches the hypernetwork
+    with pytest.raises(ValueError, match="recon_weight"):
+        config(recon_weight=float("nan"))
+    (tmp_path / "t" / "t0.safetensors").unlink()
+    trainer._targets.clear()
+    with pytest.raises(FileNotFoundError, match="distill_targets"):
+        for _ in range(20):
+            trainer.train_step()
