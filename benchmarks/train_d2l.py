@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="default")
     p.add_argument("--gguf", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--init", default=None, help="checkpoint folder to start from when --work has no state")
+    p.add_argument("--init", required=True,
+                   help="checkpoint folder to start from (e.g. d2l_integrations/checkpoints/smollm2-135m-instruct); "
+                        "when --work holds a state, its weights replace the checkpoint's")
     p.add_argument("--work", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
     p.add_argument("--out", required=True, help="where eval.json (and the exported checkpoint) go")
     p.add_argument("--tasks", default="facts_varied/1-4+d2:2,squad/1-3+d1:2,needle_para/1-4+d1:1")

@@ -96,8 +96,8 @@ class TrainingConfig:
         skip_wrong_teacher: drop examples whose teacher answer contains none of the gold answers
             (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
         recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
-            (the ``targets`` task): the relative squared Frobenius distance between the generated
-            delta (document adapter plus bias) and the target's, summed over layers. 0 turns it off.
+            (the ``targets`` task): ``1 - cosine`` between the generated document delta and the
+            target's (``delta_cosine``: direction only, all layers). 0 turns it off.
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -215,27 +215,26 @@ def _frob2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((b @ b.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum()
 
 
-def delta_distance(factors: Factors, rows: Sequence[int], targets: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
-                   scaling: float, bias: Factors | None = None) -> torch.Tensor:
-    """Mean over ``rows`` of ``||dW_generated - dW_target||^2 / ||dW_target||^2`` (all layers and modules).
+def delta_cosine(factors: Factors, rows: Sequence[int], targets: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """Per row of ``rows``: the cosine between the generated document delta ``B_row^T A_row`` and the
+    target's ``B^T A`` (Frobenius inner product over all modules and layers), shape ``[len(rows)]``.
 
-    ``dW_generated = scaling * (B_row^T A_row + B_bias^T A_bias)``, as ``lora_forward`` applies it;
-    ``targets[j][module] = (A [L, r, d_in], B [L, r, d_out])`` with the target's scaling folded into B.
+    Scale-free on purpose: before any reconstruction training, S7p's document delta was ~7x the norm of a
+    ``distill`` adapter of the same passage and its bias ~18x (training_log.md, session 6), so a distance
+    would mostly shrink the delta; the cosine asks only for the direction. ``targets[j][module] =
+    (A [L, r, d_in], B [L, r, d_out])`` with the target's scaling folded into B.
     """
     out = []
     for row, target in zip(rows, targets, strict=True):
-        num = den = torch.zeros((), device=next(iter(factors.values()))[0].device)
+        dot = gg = tt = torch.zeros((), device=next(iter(factors.values()))[0].device)
         for m, (ta, tb) in target.items():
-            parts_a, parts_b = [factors[m][0][row].float()], [factors[m][1][row].float() * scaling]
-            if bias is not None and m in bias:
-                parts_a.append(bias[m][0].float())
-                parts_b.append(bias[m][1].float() * scaling)
-            parts_a.append(ta.float())
-            parts_b.append(-tb.float())
-            num = num + _frob2(torch.cat(parts_a, 1), torch.cat(parts_b, 1))
-            den = den + _frob2(ta.float(), tb.float())
-        out.append(num / den.clamp_min(1e-12))
-    return torch.stack(out).mean()
+            a, b = factors[m][0][row].float(), factors[m][1][row].float()
+            ta, tb = ta.float(), tb.float()
+            dot = dot + ((b @ tb.transpose(1, 2)) * (a @ ta.transpose(1, 2))).sum()
+            gg = gg + _frob2(a, b)
+            tt = tt + _frob2(ta, tb)
+        out.append(dot / (gg.sqrt() * tt.sqrt()).clamp_min(1e-12))
+    return torch.stack(out)
 
 
 def save_target(path: str | os.PathLike[str], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -619,8 +618,8 @@ class DistillationTrainer:
         loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
         recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
         if recon_rows:
-            recon = delta_distance(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows],
-                                   self.scaling, self.bias())
+            cos = delta_cosine(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows])
+            recon = (1 - cos).mean()
             loss = loss + c.recon_weight * recon
         if not torch.isfinite(loss):
             msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
