@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2l_integrations.engine.base_model import BaseModel, load_base_model
 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
+from d2l_integrations.engine.lora import LoRAAdapter
 from d2l_integrations.engine.training import save_target
 from d2l_integrations.engine.training_data import make_task
 
@@ -51,7 +53,7 @@ def draw_documents(task_name: str, n: int, questions: int, *, seed: int = SEED, 
     return rows
 
 
-def adapter_factors(adapter, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
+def adapter_factors(adapter: LoRAAdapter, base: BaseModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A ``LoRAAdapter`` as the trainer's factors: ``module -> (A [L, r, d_in], B [L, r, d_out])``."""
     where = {base.module_path(layer, m): (m, layer) for layer in range(base.num_layers)
              for m in {p.rsplit(".", 1)[-1] for p in adapter.weights}}
@@ -88,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1 or args.questions < 1:
         p.error("--n and --questions must be >= 1")
     t_start = time.time()
-    from d2l_integrations.engine.base_model import load_base_model
 
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
     config = DistillConfig.for_device(base.device)

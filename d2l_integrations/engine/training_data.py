@@ -34,7 +34,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,7 +377,8 @@ class TextTask:
         self._p = sizes / sizes.sum()  # every sentence of the corpus is equally likely to start a passage
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
 
-    def _question(self, sentence: str, rng: np.random.Generator, keep=None) -> tuple[str, str] | None:  # noqa: ANN001
+    def _question(self, sentence: str, rng: np.random.Generator,
+                  keep: Callable[[str], bool] | None = None) -> tuple[str, str] | None:
         """A cue question on one span of ``sentence``; ``keep(answer)`` (if given) must accept the answer."""
         if rng.random() < 0.25:
             cop = _copula_question(sentence)
@@ -427,7 +428,7 @@ class TextTask:
                 if len(out) == k:
                     return out
 
-    def _prepare(self, chosen: list[str], rng: np.random.Generator):  # noqa: ANN202 - (sentences, answer filter)
+    def _prepare(self, chosen: list[str], rng: np.random.Generator) -> tuple[list[str], Callable[[str], bool] | None]:
         """The passage as asked about, and a filter on answers (None: any span)."""
         return chosen, None
 
@@ -461,7 +462,7 @@ class TextSwapTask(TextTask):
 
     name = "text_swap"
 
-    def _prepare(self, chosen: list[str], rng: np.random.Generator):  # noqa: ANN202
+    def _prepare(self, chosen: list[str], rng: np.random.Generator) -> tuple[list[str], Callable[[str], bool] | None]:
         names = {m.group(0) for sent in chosen for m in _SWAP_WORD.finditer(sent)
                  if not _opens_sentence(sent[:m.start()]) and m.group(0).lower() not in _STOPWORDS
                  and m.group(0).lower() not in _NOT_SWAPPED}
