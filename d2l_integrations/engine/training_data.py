@@ -711,6 +711,7 @@ class TargetTask:
                    "pass the folder as targets_dir (train_d2l --targets DIR) or in $D2L_TARGETS_DIR.")
             raise FileNotFoundError(msg)
         rows = [r for r in _read_jsonl(index) if r.get("questions") and r.get("doc", "").strip()]
+        rows = list({str(r["target"]): r for r in rows}.values())  # merged folders may list a document twice
         if len(rows) < 2:
             msg = f"{index} has {len(rows)} usable documents; the train and eval splits need at least 2."
             raise ValueError(msg)

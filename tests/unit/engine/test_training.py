@@ -527,6 +527,11 @@ def test_targets_task_splits_the_index_and_says_how_to_make_one(tmp_path, tiny_b
     ids = _write_targets(tmp_path / "t", tiny_base, 40)
     train, held = TargetTask(targets_dir=tmp_path / "t"), make_task("targets", split="eval", targets_dir=tmp_path / "t")
     assert {r["target"] for r in held._rows} == {"t38", "t39"} and not {r["target"] for r in train._rows} & {"t38", "t39"}
+    with open(tmp_path / "t" / "index.jsonl") as f:
+        first = f.readline()
+    with open(tmp_path / "t" / "index.jsonl", "a") as f:
+        f.write(first)  # merged folders can list a document twice: it stays one training document
+    assert len(TargetTask(targets_dir=tmp_path / "t")._rows) == len(train._rows)
     group = make_task("targets*3", targets_dir=tmp_path / "t").sample_group(np.random.default_rng(0), 3)
     assert len(group) == 3 and len({e.doc for e in group}) == 1 and all(e.target in ids and e.key in e.doc for e in group)
 
