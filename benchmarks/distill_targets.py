@@ -31,7 +31,7 @@ from d2l_integrations.engine.base_model import BaseModel, load_base_model
 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
 from d2l_integrations.engine.lora import LoRAAdapter
 from d2l_integrations.engine.training import save_target
-from d2l_integrations.engine.training_data import make_task
+from d2l_integrations.engine.training_data import _group, make_task
 
 SEED = 2027  # document draws; other seeds than the trainer's (11) and the evaluation's (1011)
 
@@ -42,8 +42,7 @@ def draw_documents(task_name: str, n: int, questions: int, *, seed: int = SEED, 
     task = make_task(task_name, split="train", **task_kwargs)
     rows = []
     for i in range(n):
-        group = task.sample_group(np.random.default_rng([seed, i]), questions) if hasattr(task, "sample_group") \
-            else [task.sample(np.random.default_rng([seed, i]))]
+        group = _group(task, np.random.default_rng([seed, i]), questions if hasattr(task, "sample_group") else 1)
         doc = group[0].doc
         # the gold span: SQuAD rows leave ``key`` for the trainer's teacher to fill, their ``answers`` are gold
         qa = list(dict.fromkeys((e.question, e.key or (e.answers[0] if e.answers else "")) for e in group))
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1 or args.questions < 1:
         p.error("--n and --questions must be >= 1")
     t_start = time.time()
-
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
     config = DistillConfig.for_device(base.device)
     overrides = {k: v for k, v in (("rank", args.rank), ("max_steps", args.steps)) if v is not None}
