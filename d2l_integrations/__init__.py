@@ -40,15 +40,18 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:
-    from d2l_integrations.engine.base_model import load_base_model
-    from d2l_integrations.engine.config import HypernetworkConfig
-    from d2l_integrations.engine.engine import D2LEngine, Generation
-    from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, compose_adapters
-    from d2l_integrations.errors import D2LError
-    from d2l_integrations.knowledge.knowledge_base import KnowledgeBase
-    from d2l_integrations.routing.config import RouterConfig
-    from d2l_integrations.routing.decision import RouteDecision
-    from d2l_integrations.routing.router import Router
+    from d2l_integrations.engine.base_model import load_base_model as load_base_model
+    from d2l_integrations.engine.config import HypernetworkConfig as HypernetworkConfig
+    from d2l_integrations.engine.engine import D2LEngine as D2LEngine
+    from d2l_integrations.engine.engine import Generation as Generation
+    from d2l_integrations.engine.lora import AdapterProvenance as AdapterProvenance
+    from d2l_integrations.engine.lora import LoRAAdapter as LoRAAdapter
+    from d2l_integrations.engine.lora import compose_adapters as compose_adapters
+    from d2l_integrations.errors import D2LError as D2LError
+    from d2l_integrations.knowledge.knowledge_base import KnowledgeBase as KnowledgeBase
+    from d2l_integrations.routing.config import RouterConfig as RouterConfig
+    from d2l_integrations.routing.decision import RouteDecision as RouteDecision
+    from d2l_integrations.routing.router import Router as Router
 
 
 def __getattr__(name: str) -> Any:
