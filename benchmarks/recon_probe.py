@@ -6,11 +6,13 @@ Runs S8r/S8r3 (session 7) moved the cosine between the generated document delta 
 
 1. **Gradient shares** on one batch of target rows: the norm of the hypernetwork gradient of the distillation loss
    (KL + key CE, as in training) and of ``1 - cos`` alone, and the cosine between the two gradients.
-2. **Recon-only steps**: ``--steps`` Adam steps on ``1 - cos`` alone (the same lr and grad clip as the trainer), then the
-   cosine again. If it does not rise even then, the loss (not its weight) is the problem.
+2. **Steps**: ``--steps`` Adam steps (the trainer's lr and grad clip) on ``1 - cos`` alone, or with ``--weight W`` on the
+   training loss ``distill + W * (1 - cos)``, then the cosine and the distillation loss again. If the cosine does not
+   rise on recon alone, the loss (not its weight) is the problem; with ``--weight``, the smallest W whose cosine rises
+   without the distillation loss rising is the one to train with.
 
     python -m benchmarks.recon_probe --init d2l_integrations/checkpoints/smollm2-135m-instruct \\
-        --targets /tmp/targets --rows 4 --steps 30
+        --targets /tmp/targets --rows 4 --steps 30 [--weight 1000]
 
 Prints one JSON line per measurement. Nothing is written to the checkpoint.
 """
@@ -33,8 +35,9 @@ def _grad_vector(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int = 4, steps: int = 30, lr: float = 3e-4,
-          on_line: Callable[[dict], None] = lambda d: None) -> list[dict]:
-    """The two measurements of the module docstring; returns (and hands ``on_line``) one dict per measurement."""
+          weight: float | None = None, on_line: Callable[[dict], None] = lambda d: None) -> list[dict]:
+    """The two measurements of the module docstring; returns (and hands ``on_line``) one dict per measurement.
+    ``weight=None``: the steps optimise ``1 - cos`` alone; else ``distill + weight * (1 - cos)``."""
     out: list[dict] = []
 
     def emit(d: dict) -> None:
@@ -80,22 +83,30 @@ def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int =
           "layer_delta_norm_row0": delta_norm, "layer_target_norm_row0": target_norm})
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    mode = "recon_only" if weight is None else f"distill+{weight:g}*recon"
     t0 = time.time()
     for step in range(1, steps + 1):
-        factors, _ = factors_now()
-        loss = (1 - delta_cosine(factors, idx, targets)).mean()
+        factors, t_logits = factors_now()
+        recon = (1 - delta_cosine(factors, idx, targets)).mean()
+        loss, line = recon, {}
+        if weight is not None:
+            parts = trainer.losses(t_logits, trainer.student(batch, factors), batch)
+            distill_loss = cfg.kl_weight * parts["kl"].mean() + cfg.ce_weight * parts["key_ce"].mean()
+            loss = distill_loss + weight * recon
+            line = {"distill_loss_before_step": round(distill_loss.item(), 4)}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if step == 1 or step % 10 == 0 or step == steps:
-            emit({"recon_only_step": step, "mean_cos_before_step": round(1 - loss.item(), 5), "s": round(time.time() - t0, 1)})
+            emit({"mode": mode, "step": step, "mean_cos_before_step": round(1 - recon.item(), 5), **line,
+                  "s": round(time.time() - t0, 1)})
     if steps:
         factors, t_logits = factors_now()
         with torch.no_grad():
             parts = trainer.losses(t_logits, trainer.student(batch, factors), batch)
             cos = delta_cosine(factors, idx, targets)
-        emit({"after_recon_only": steps, "cos": [round(x, 5) for x in cos.tolist()],
+        emit({"mode": mode, "after_steps": steps, "cos": [round(x, 5) for x in cos.tolist()],
               "distill_loss": round((cfg.kl_weight * parts["kl"].mean() + cfg.ce_weight * parts["key_ce"].mean()).item(), 4)})
     return out
 
@@ -108,16 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="hypernetwork checkpoint folder")
     p.add_argument("--targets", required=True, help="folder with index.jsonl and <target>.safetensors")
     p.add_argument("--rows", type=int, default=4, help="target rows in the probe batch")
-    p.add_argument("--steps", type=int, default=30, help="recon-only Adam steps")
+    p.add_argument("--steps", type=int, default=30, help="Adam steps after the gradient measurement")
+    p.add_argument("--weight", type=float, default=None, help="step on distill + WEIGHT * (1 - cos) instead of 1 - cos alone")
     p.add_argument("--lr", type=float, default=3e-4)
     args = p.parse_args(argv)
-    if args.rows < 2 or args.steps < 0:
-        p.error("--rows must be >= 2 and --steps >= 0")
+    if args.rows < 2 or args.steps < 0 or (args.weight is not None and args.weight < 0):
+        p.error("--rows must be >= 2, --steps >= 0 and --weight >= 0")
     from d2l_integrations.engine.base_model import load_base_model
 
     base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
-    probe(base, hyper, args.targets, rows=args.rows, steps=args.steps, lr=args.lr, on_line=lambda d: print(json.dumps(d), flush=True))
+    probe(base, hyper, args.targets, rows=args.rows, steps=args.steps, lr=args.lr, weight=args.weight, on_line=lambda d: print(json.dumps(d), flush=True))
 
 
 if __name__ == "__main__":

@@ -35,4 +35,14 @@ def test_probe_measures_both_gradients_and_recon_only_steps_turn_the_delta(tiny_
     assert set(first["layer_delta_norm_row0"]) == {"down_proj"}
     before = sum(first["cos"]) / len(first["cos"])
     after = sum(last["cos"]) / len(last["cos"])
-    assert last["after_recon_only"] == 20 and after > before + 0.05  # the loss can steer the direction when it is alone
+    assert last["after_steps"] == 20 and last["mode"] == "recon_only"
+    assert after > before + 0.05  # the loss can steer the direction when it is alone
+
+
+def test_probe_steps_on_the_training_loss_with_a_weight(tiny_base, tmp_path):
+    _targets(tiny_base, tmp_path)
+    torch.manual_seed(0)
+    lines = probe(tiny_base, tiny_hypernet(tiny_base), str(tmp_path), rows=3, steps=3, lr=1e-2, weight=100.0)
+    steps = [d for d in lines if "step" in d]
+    assert [d["step"] for d in steps] == [1, 3] and all("distill_loss_before_step" in d for d in steps)
+    assert lines[-1]["mode"] == "distill+100*recon" and lines[-1]["after_steps"] == 3
