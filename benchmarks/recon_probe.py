@@ -64,7 +64,7 @@ def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int =
 
     factors, t_logits = factors_now()
     parts = trainer.losses(t_logits, trainer.student(batch, factors), batch)
-    distill_loss = cfg.kl_weight * parts["kl"].mean() + cfg.ce_weight * parts["key_ce"].mean()
+    distill_loss = trainer.distill_loss(parts)
     cos = delta_cosine(factors, idx, targets)
     hyper.zero_grad(set_to_none=True)
     distill_loss.backward(retain_graph=True)
@@ -91,7 +91,7 @@ def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int =
         loss, line = recon, {}
         if weight is not None:
             parts = trainer.losses(t_logits, trainer.student(batch, factors), batch)
-            distill_loss = cfg.kl_weight * parts["kl"].mean() + cfg.ce_weight * parts["key_ce"].mean()
+            distill_loss = trainer.distill_loss(parts)
             loss = distill_loss + weight * recon
             line = {"distill_loss_before_step": round(distill_loss.item(), 4)}
         opt.zero_grad(set_to_none=True)
@@ -107,7 +107,7 @@ def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int =
             parts = trainer.losses(t_logits, trainer.student(batch, factors), batch)
             cos = delta_cosine(factors, idx, targets)
         emit({"mode": mode, "after_steps": steps, "cos": [round(x, 5) for x in cos.tolist()],
-              "distill_loss": round((cfg.kl_weight * parts["kl"].mean() + cfg.ce_weight * parts["key_ce"].mean()).item(), 4)})
+              "distill_loss": round(trainer.distill_loss(parts).item(), 4)})
     return out
 
 

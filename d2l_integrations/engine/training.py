@@ -585,6 +585,10 @@ class DistillationTrainer:
         acc = ((s_logits.argmax(-1) == batch.resp_ids).float() * km).sum(1) / km.sum(1).clamp_min(1)
         return {"kl": kl, "key_ce": ce, "key_acc": acc}
 
+    def distill_loss(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective of ``losses``' parts: ``kl_weight * KL + ce_weight * key CE``, batch means."""
+        return self.config.kl_weight * parts["kl"].mean() + self.config.ce_weight * parts["key_ce"].mean()
+
     # ------------------------------------------------------------------------------- train
     def lr_at(self, step: int) -> float:
         c = self.config
@@ -615,7 +619,7 @@ class DistillationTrainer:
         t2 = time.perf_counter()
         s_logits = self.student(batch, factors)
         parts = self.losses(t_logits, s_logits, batch)
-        loss = c.kl_weight * parts["kl"].mean() + c.ce_weight * parts["key_ce"].mean()
+        loss = self.distill_loss(parts)
         recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
         if recon_rows:
             cos = delta_cosine(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows])
