@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
     p.add_argument("--eval-n", type=int, default=128)
     p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
-    p.add_argument("--f1-tasks", default="squad,facts_bio,cloze")
+    p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
                    help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2l_integrations.engine.training_data import Example, TaskMix, make_task, one_question_per_document
+from d2l_integrations.engine.training_data import Example, TaskMix, apply_renames, make_task, one_question_per_document
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ class DistillationTrainer:
         if path is not None and path.is_file():
             self._teacher_answers.update({tuple(k): v for k, v in json.loads(path.read_text())})
         todo = [e for task in self.train_data.tasks for e in getattr(getattr(task, "task", task), "teacher_examples", list)()]
-        todo = [e for e in todo if (e.teacher_doc or e.doc, e.question) not in self._teacher_answers]
+        todo = [e for e in todo if _teacher_key(e) not in self._teacher_answers]
         for i in range(0, len(todo), batch_size):
             self.fill_teacher_responses(todo[i:i + batch_size], batch_size=batch_size)
         if path is not None and todo:
@@ -524,9 +524,10 @@ class DistillationTrainer:
     def fill_teacher_responses(self, examples: Sequence[Example], *, batch_size: int = 64) -> list[Example]:
         """Examples with ``teacher_response`` get the teacher's greedy answer (cached per document and question).
 
-        ``key`` becomes the first gold answer found in that response (case-insensitive), else "".
+        ``key`` becomes the first gold answer found in that response (case-insensitive), else "". A
+        renamed example (``squad_swap``) gets the answer about its original, renamed the same way.
         """
-        key_of = lambda e: (e.teacher_doc or e.doc, e.question)  # noqa: E731
+        key_of = _teacher_key
         need = list({key_of(e): e for e in examples if e.teacher_response and not e.response and key_of(e) not in self._teacher_answers})
         for i in range(0, len(need), batch_size):
             part = need[i:i + batch_size]
@@ -536,7 +537,7 @@ class DistillationTrainer:
         out = []
         for e in examples:
             if e.teacher_response and not e.response:
-                resp = self._teacher_answers[key_of(e)]
+                resp = apply_renames(self._teacher_answers[key_of(e)], e.renames)
                 low = resp.lower()
                 key = next((resp[low.index(a.lower()):low.index(a.lower()) + len(a)] for a in e.answers if a and a.lower() in low), "")
                 e = dataclasses.replace(e, response=resp, key=key)
@@ -811,6 +812,11 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
     return result
 
 
+def _teacher_key(e: Example) -> tuple[str, str]:
+    """What a teacher answer is cached under: the document and question the teacher read."""
+    return (e.teacher_doc or e.doc, e.teacher_question or e.question)
+
+
 def _generate(trainer: DistillationTrainer, prompts: Sequence[list[int]], factors: Factors | None, bias: bool, max_new_tokens: int) -> list[str]:
     tok = trainer.tokens
     n, width = len(prompts), max(map(len, prompts))
@@ -861,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--base", default="default", help="base model: 'default', HF id/folder, or a folder with --gguf")
     p.add_argument("--gguf", default=None, help="GGUF file name inside --base")
     p.add_argument("--tasks", default="needle:1", help="task:weight,... (training_data.make_task names: needle, needle_alone, needle_line, "
-                   "needle_essay, needle_para, facts, facts_varied, cloze, squad; suffix /lo-hi = chunks summed, +dN = distractor chunks)")
+                   "needle_essay, needle_para, facts, facts_varied, cloze, text, text_swap, squad, squad_swap, targets; suffix /lo-hi = "
+                   "chunks summed, +dN = distractor chunks, *k = k questions per document)")
     p.add_argument("--init", default=None, help="start a fresh run from this checkpoint folder (our format) instead of a random network")
     p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")

@@ -309,6 +309,47 @@ def test_squad_split_is_by_article_and_matches_the_recorded_titles():
     assert set(SQUAD_HELD_OUT_TITLES).isdisjoint(SQUAD_TRAIN_TITLES)
 
 
+def test_squad_swap_renames_paragraph_question_and_answers_consistently_and_asks_only_renamed_answers():
+    from d2l_integrations.engine.training_data import SquadSwapTask, SquadTask, apply_renames, make_task
+
+    try:
+        task, plain = SquadSwapTask(split="train", max_paragraphs=2), SquadTask(split="train", max_paragraphs=2)
+    except FileNotFoundError:
+        pytest.skip("SQuAD data not available")
+    originals = {p[0] for art in plain._articles for p in art}
+    questions = {q for art in plain._articles for p in art for q, _ in p[1]}
+    rng, rows = np.random.default_rng(0), []
+    for _ in range(40):
+        group = task.sample_group(rng, 3)
+        assert len({(e.doc, e.chunks, e.renames) for e in group}) == 1  # one renamed document per group
+        rows += group
+    for e in rows:
+        assert e.task == "squad_swap" and e.teacher_response and e.response == ""
+        assert e.teacher_doc in originals and e.teacher_doc not in e.doc  # the teacher's paragraph is the original
+        assert e.teacher_question in questions and apply_renames(e.teacher_question, e.renames) == e.question
+        assert apply_renames(e.teacher_doc, e.renames) in e.doc  # the same replacements, in the same places
+        new = {b for _, b in e.renames}
+        assert any(tok.strip(".,;:'\"()") in new for a in e.answers for tok in a.split())  # memorising cannot answer
+    in_doc = [any(a in e.doc for a in e.answers) for e in rows]
+    assert sum(in_doc) >= 0.9 * len(rows)  # the renamed gold span is still in the renamed paragraph
+    assert len({e.doc for e in rows}) == 40  # every draw renames afresh
+    assert task.sample_group(np.random.default_rng(5), 2) == task.sample_group(np.random.default_rng(5), 2)
+    assert make_task("squad_swap/1-2+d1*5", max_paragraphs=2).name == "squad_swap/1-2+d1*5"
+    assert apply_renames("Paris in 1921, Parisian 19210.", (("Paris", "Kesvar"), ("1921", "1455"))) == "Kesvar in 1455, Parisian 19210."
+
+
+def test_renamed_examples_share_the_teacher_answer_about_their_original(tiny_base):
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    renames = (("Paris", "Quonvar"), ("France", "Delnor"), ("1850", "1312"))
+    ex = Example("Quonvar became the capital of Delnor in 1312.", "When did Quonvar become the capital of Delnor?", "", "",
+                 ("1312",), "squad_swap", teacher_response=True, teacher_doc="Paris became the capital of France in 1850.",
+                 teacher_question="When did Paris become the capital of France?", renames=renames)
+    trainer._teacher_answers[(ex.teacher_doc, ex.teacher_question)] = "Paris became the capital of France in 1850."
+    (filled,) = trainer.fill_teacher_responses([ex])
+    assert filled.response == "Quonvar became the capital of Delnor in 1312." and filled.key == "1312"
+    assert len(trainer._teacher_answers) == 1  # nothing generated: the original's answer was reused
+
+
 def test_teacher_answers_are_precomputed_and_persisted(tiny_base, tmp_path):
     class Enumerable:
         name = "qa"
