@@ -350,6 +350,21 @@ def test_renamed_examples_share_the_teacher_answer_about_their_original(tiny_bas
     assert len(trainer._teacher_answers) == 1  # nothing generated: the original's answer was reused
 
 
+def test_squad_swap_rows_train_and_cache_teacher_answers_under_the_original(tiny_base):
+    from d2l_integrations.engine.training_data import SquadTask
+
+    try:
+        plain = SquadTask(split="train")
+    except FileNotFoundError:
+        pytest.skip("SQuAD data not available")
+    originals = {(text, q) for art in plain._articles for text, qs in art for q, _ in qs}
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("squad_swap*2", 1.0),), max_doc_tokens=96,
+                                                                               teacher_max_new_tokens=4))
+    rec = trainer.train_step()
+    assert np.isfinite(rec["loss"])
+    assert trainer._teacher_answers and set(trainer._teacher_answers) <= originals  # one answer per original, shared by every renaming
+
+
 def test_teacher_answers_are_precomputed_and_persisted(tiny_base, tmp_path):
     class Enumerable:
         name = "qa"
