@@ -527,8 +527,7 @@ class DistillationTrainer:
         ``key`` becomes the first gold answer found in that response (case-insensitive), else "". A
         renamed example (``squad_swap``) gets the answer about its original, renamed the same way.
         """
-        key_of = _teacher_key
-        need = list({key_of(e): e for e in examples if e.teacher_response and not e.response and key_of(e) not in self._teacher_answers})
+        need = list({_teacher_key(e): e for e in examples if e.teacher_response and not e.response and _teacher_key(e) not in self._teacher_answers})
         for i in range(0, len(need), batch_size):
             part = need[i:i + batch_size]
             prompts = [self.tokens.teacher_prompt(self.tokens.truncate_doc(doc), q)[0] for doc, q in part]
@@ -537,7 +536,7 @@ class DistillationTrainer:
         out = []
         for e in examples:
             if e.teacher_response and not e.response:
-                resp = apply_renames(self._teacher_answers[key_of(e)], e.renames)
+                resp = apply_renames(self._teacher_answers[_teacher_key(e)], e.renames)
                 low = resp.lower()
                 key = next((resp[low.index(a.lower()):low.index(a.lower()) + len(a)] for a in e.answers if a and a.lower() in low), "")
                 e = dataclasses.replace(e, response=resp, key=key)
