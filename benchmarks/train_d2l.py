@@ -14,6 +14,10 @@ SQuAD articles, other WikiText-2 articles, other seeds) and never a training doc
     python -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf \\
         --init d2l_integrations/checkpoints/smollm2-135m-instruct --work /root/run --out $OUT \\
         --tasks facts_varied/1-4+d2:2,squad/1-3+d1:2,needle_para/1-4+d1:1 --minutes 8 --export
+
+On several GPUs of one host, the same arguments under ``torchrun --nproc-per-node N -m
+benchmarks.train_d2l ...``: one run, data parallel (each step's batch is ``--batch-size x N``),
+and the evaluation tasks shared out over the processes; rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -23,14 +27,22 @@ import copy
 import gzip
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from benchmarks.metrics import f1_score
 from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
-from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, _parse_tasks, greedy_eval
+from d2l_integrations.engine.training import (
+    DistillationTrainer,
+    TrainingConfig,
+    _parse_tasks,
+    greedy_eval,
+    init_data_parallel,
+)
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
 EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
@@ -48,9 +60,14 @@ def _max_new_tokens(task: str) -> int:
 def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
              split: str = "eval") -> dict:
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
-    (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning."""
+    (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning.
+
+    Data parallel: rank ``r`` evaluates tasks ``r, r + N, ...`` and every rank returns the whole
+    table, in task order (each task's rows are those a single process would score)."""
+    tasks = [one_question_per_document(name) for name in tasks]
+    mine = tasks[trainer.rank::trainer.world_size]
     table = {}
-    for t in (one_question_per_document(name) for name in tasks):
+    for t in mine:
         t0 = time.time()
         exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]
@@ -60,7 +77,13 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
         table[t] = res
         print(json.dumps({"eval": t, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
                           "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()}, "samples": res["samples"]}), flush=True)
-    return table
+    if trainer.world_size == 1:
+        return table
+    parts: list[dict] = [{} for _ in range(trainer.world_size)]
+    dist.all_gather_object(parts, table)
+    merged = {k: v for part in parts for k, v in part.items()}
+    order = [t if split == "eval" else f"{split}:{t}" for t in tasks]
+    return {k: merged[k] for k in order}
 
 
 def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table: dict) -> Path:
@@ -90,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
     p.add_argument("--eval-n", type=int, default=128)
     p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
@@ -115,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from d2l_integrations.engine.base_model import load_base_model
 
-    base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
+    data_parallel, device = init_data_parallel(args.device)
+    base = load_base_model(args.base, device=device, gguf_file=args.gguf)
     print(f"base loaded in {time.time() - t_start:.1f}s on {base.device}", flush=True)
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
     for prm in hyper.parameters():
@@ -129,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher_answers and not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         raw = Path(args.teacher_answers).read_bytes()
-        cache.write_bytes(gzip.decompress(raw) if args.teacher_answers.endswith(".gz") else raw)
-    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.work)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")  # atomic: data-parallel ranks all seed the same file
+        tmp.write_bytes(gzip.decompress(raw) if args.teacher_answers.endswith(".gz") else raw)
+        os.replace(tmp, cache)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.work, data_parallel=data_parallel)
     resumed = trainer.maybe_resume()
     print(f"{'resumed at step ' + str(trainer.step) if resumed else 'fresh run from ' + str(args.init)}", flush=True)
     out = Path(args.out)
@@ -150,11 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_train:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
                               f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train"))
+    if not trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
+        return
     if table:
         (out / "eval.json").write_text(json.dumps(table, indent=1))
     if args.export:
         summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
-                   "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size,
+                   "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
+                   **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                    "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
         compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
         folder = export(hyper, out, data_summary=summary, eval_table=compact)

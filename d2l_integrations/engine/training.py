@@ -37,6 +37,12 @@ State under ``--out``: ``state.pt`` (weights, optimizer, step, config; written a
 eval). Re-running the same command resumes; another base model or hypernetwork config stops with
 a clear error. The data position is the step (batches are a pure function of seed and step).
 
+Data parallel: start the same command under ``torchrun --nproc-per-node N`` (one process per GPU).
+Every process draws its own batches (``TaskMix`` stream = rank), gradients are averaged in one
+all-reduce per step, and the step's batch is ``batch_size x N``. Rank 0 alone writes
+``state.pt`` and ``log.jsonl``; every rank resumes from that state. Logged losses are means over
+the ranks, ``tokens_seen`` and the skip counters are totals.
+
 Only torch, transformers, numpy (and the package's own engine modules) are imported here.
 """
 
@@ -57,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -394,7 +401,15 @@ class DistillationTrainer:
 
     def __init__(self, base: Any, hypernet: nn.Module, config: TrainingConfig, *, out_dir: str | os.PathLike[str] | None = None,
                  target_modules: Sequence[str] | None = None, eval_split: str = "eval",
-                 features_fn: Callable[..., Any] | None = None) -> None:
+                 features_fn: Callable[..., Any] | None = None, data_parallel: bool = False) -> None:
+        if data_parallel and not (dist.is_available() and dist.is_initialized()):
+            msg = ("data_parallel=True needs an initialised torch.distributed process group: start the command with "
+                   "`torchrun --nproc-per-node N ...` (the CLIs then call init_data_parallel), or pass data_parallel=False.")
+            raise RuntimeError(msg)
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if data_parallel else (0, 1)
+        self.is_main = self.rank == 0
+        self._stop_vote = False  # data parallel: this rank wants to stop (deadline); every rank stops when one does
+        self._stop_agreed = False
         self.base = base
         self.model = base.model
         self.hypernet = hypernet
@@ -416,7 +431,8 @@ class DistillationTrainer:
         except ImportError:
             self._default_features = lambda hs: default_features(hs, self.num_layers)
         kw = config.task_kwargs
-        self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed)
+        self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed,
+                                  stream=self.rank)
         self.eval_sets: dict[str, list[Example]] = {}  # one question per document, so the mismatched control is another document
         for t, _ in config.tasks:
             name = one_question_per_document(t)
@@ -437,6 +453,10 @@ class DistillationTrainer:
         self._teacher_answers: dict[tuple[str, str], str] = {}
         self._targets: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._target_folders = [t.folder for t in map(_innermost, self.train_data.tasks) if hasattr(t, "folder")]
+        if self.world_size > 1:  # every rank starts from rank 0's weights
+            with torch.no_grad():
+                for tensor in self.hypernet.state_dict().values():
+                    dist.broadcast(tensor, 0)
 
     # ------------------------------------------------------------------------------ passes
     def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, *, hidden: bool = False) -> tuple[torch.Tensor, Any]:
@@ -516,9 +536,11 @@ class DistillationTrainer:
         todo = [e for e in todo if _teacher_key(e) not in self._teacher_answers]
         for i in range(0, len(todo), batch_size):
             self.fill_teacher_responses(todo[i:i + batch_size], batch_size=batch_size)
-        if path is not None and todo:
+        if path is not None and todo and self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps([[list(k), v] for k, v in self._teacher_answers.items()]))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([[list(k), v] for k, v in self._teacher_answers.items()]))
+            os.replace(tmp, path)
         return len(todo)
 
     def fill_teacher_responses(self, examples: Sequence[Example], *, batch_size: int = 64) -> list[Example]:
@@ -603,46 +625,84 @@ class DistillationTrainer:
         t0 = time.perf_counter()
         rows = self.fill_teacher_responses(self.train_data.batch(self.step, c.batch_size))
         kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
-        self.skipped_rows += len(rows) - len(kept)
+        skipped, wrong = len(rows) - len(kept), 0
         if c.skip_wrong_teacher:
             right = [e for e in kept if not (e.teacher_response and e.answers and not e.key)]
-            self.wrong_teacher_rows += len(kept) - len(right)
+            wrong = len(kept) - len(right)
             kept = right
-        if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
-            self.step += 1
-            return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
-        batch = self.tokens.batch(kept, self.device)
-        t1 = time.perf_counter()
-        t_logits, feats, mask = self.teacher(batch)
-        factors = self.document_factors(batch, feats, mask)
-        self._sync()
-        t2 = time.perf_counter()
-        s_logits = self.student(batch, factors)
-        parts = self.losses(t_logits, s_logits, batch)
-        loss = self.distill_loss(parts)
-        recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
-        if recon_rows:
-            cos = delta_cosine(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows])
-            recon = (1 - cos).mean()
-            loss = loss + c.recon_weight * recon
-        if not torch.isfinite(loss):
-            msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
-            raise FloatingPointError(msg)
+        if self.world_size == 1:
+            self.skipped_rows += skipped
+            self.wrong_teacher_rows += wrong
+            if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
+                self.step += 1
+                return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
+        self.optimizer.zero_grad(set_to_none=True)
+        rec: dict[str, float] = {}
+        tokens = 0
+        t1 = t2 = time.perf_counter()
+        if len(kept) >= 2:  # a data-parallel rank without rows still joins the all-reduce below, with zero gradients
+            batch = self.tokens.batch(kept, self.device)
+            t1 = time.perf_counter()
+            t_logits, feats, mask = self.teacher(batch)
+            factors = self.document_factors(batch, feats, mask)
+            self._sync()
+            t2 = time.perf_counter()
+            s_logits = self.student(batch, factors)
+            parts = self.losses(t_logits, s_logits, batch)
+            loss = self.distill_loss(parts)
+            recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
+            if recon_rows:
+                cos = delta_cosine(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows])
+                recon = (1 - cos).mean()
+                loss = loss + c.recon_weight * recon
+            if not torch.isfinite(loss):
+                msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
+                raise FloatingPointError(msg)
+            loss.backward()
+            tokens = int(batch.teacher_ids.numel() + batch.student_ids.numel())
+            rec = {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
+                   "key_acc": parts["key_acc"].mean().item()}
+            if recon_rows:
+                rec.update(recon=recon.item(), recon_rows=float(len(recon_rows)))
+        if self.world_size > 1:
+            rec, tokens, any_rows = self._all_reduce(rec, tokens=tokens, skipped=skipped, wrong=wrong)
+            if not any_rows:  # no rank had rows: every rank skips the update alike
+                self.step += 1
+                return {"loss": float("nan"), "skipped": float(c.batch_size * self.world_size)}
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), c.grad_clip)
         self.optimizer.step()
         self.step += 1
-        self.tokens_seen += int(batch.teacher_ids.numel() + batch.student_ids.numel())
-        rec = {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
-               "key_acc": parts["key_acc"].mean().item(), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1)}
-        if recon_rows:
-            rec.update(recon=recon.item(), recon_rows=float(len(recon_rows)))
+        self.tokens_seen += tokens
+        rec.update(grad_norm=float(gnorm), lr=self.lr_at(self.step - 1))
         t3 = time.perf_counter()
-        rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes
+        rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes (this rank's)
         return rec
+
+    _REDUCED = ("loss", "kl", "key_ce", "key_acc")
+
+    def _all_reduce(self, rec: dict[str, float], *, tokens: int, skipped: int, wrong: int) -> tuple[dict[str, float], int, bool]:
+        """One all-reduce per data-parallel step: gradients (a rank without rows sends zeros), the loss
+        terms and the counters. Gradients and losses become means over the ranks that had rows, the
+        counters totals, and the stop votes agree (``_stop_agreed``)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        has_rows = float(bool(rec))
+        local = [has_rows, float(tokens), float(skipped), float(wrong), float(self._stop_vote)] + [rec.get(k, 0.0) for k in self._REDUCED]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                         + [torch.tensor(local, dtype=torch.float32, device=self.device)])
+        dist.all_reduce(flat)
+        stats = flat[flat.numel() - len(local):].tolist()
+        ranks_with_rows = stats[0]
+        offset = 0
+        for p in params:
+            p.grad = (flat[offset:offset + p.numel()] / max(1.0, ranks_with_rows)).view_as(p).to(p.dtype)
+            offset += p.numel()
+        self.skipped_rows += int(stats[2])
+        self.wrong_teacher_rows += int(stats[3])
+        self._stop_agreed = stats[4] > 0
+        means = {k: v / max(1.0, ranks_with_rows) for k, v in zip(self._REDUCED, stats[5:], strict=True)}
+        return {**rec, **means}, int(stats[1]), ranks_with_rows > 0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -676,11 +736,14 @@ class DistillationTrainer:
         t0 = time.time()
         t_last, tok_last, step_times = t0, self.tokens_seen, []
         ema: dict[str, float] = {}
-        while self.step < stop:
+        self._stop_agreed = False
+        while self.step < stop and not self._stop_agreed:
             ts = time.time()
-            if deadline is not None and step_times and ts + 3 * float(np.median(step_times[-20:])) + 5 > deadline:
+            near = deadline is not None and bool(step_times) and ts + 3 * float(np.median(step_times[-20:])) + 5 > deadline
+            if near and self.world_size == 1:
                 logger.info("Stopping at step %d before the deadline", self.step)
                 break
+            self._stop_vote = near  # data parallel: the step still runs on every rank, then all stop together
             rec = self.train_step()
             step_times.append(time.time() - ts)
             if "skipped" in rec:
@@ -706,6 +769,8 @@ class DistillationTrainer:
         return {"step": self.step, "elapsed_s": self.elapsed_s, "ema": ema}
 
     def _log(self, line: dict, on_log: Callable[[dict], None] | None) -> None:
+        if not self.is_main:
+            return
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "log.jsonl", "a") as fh:
@@ -722,14 +787,17 @@ class DistillationTrainer:
                 "hypernet": hcfg.to_dict() if hasattr(hcfg, "to_dict") else repr(hcfg), "hypernet_class": type(self.hypernet).__name__}
 
     def save_state(self) -> Path:
+        """Write ``out_dir/state.pt`` atomically (data parallel: rank 0 only; the ranks' states are equal)."""
         assert self.out_dir is not None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "state.pt"
+        if not self.is_main:
+            return path
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"hypernet": self.hypernet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                     "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen, "identity": self._identity(),
                     "skipped_rows": self.skipped_rows, "wrong_teacher_rows": self.wrong_teacher_rows,
-                    "training_config": self.config.to_dict()}, tmp)
+                    "world_size": self.world_size, "training_config": self.config.to_dict()}, tmp)
         os.replace(tmp, path)
         return path
 
@@ -831,6 +899,23 @@ def _generate(trainer: DistillationTrainer, prompts: Sequence[list[int]], factor
 
 
 # ------------------------------------------------------------------------------------- CLI
+def init_data_parallel(device: str | None = None) -> tuple[bool, str | None]:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1); returns
+    ``(data_parallel, device)``, the device being this process's GPU (``cuda:LOCAL_RANK``) on CUDA.
+
+    NCCL on CUDA, gloo on CPU. A group the caller initialised already is used as it is.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, device
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if cuda and (device is None or device == "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True, device
+
+
 SMOLLM2_135M_SHAPE: dict[str, Any] = dict(latent_size=128, num_latents=16, num_blocks=3, num_heads=4, num_kv_heads=4, head_dim=32,
                                           projection_factor=2, mlp_factor=2, resmlp_factor=1, context_format="chat_prefix")
 """The shape of the shipped SmolLM2-135M checkpoint: 11.7 M parameters, 23.5 MB in bf16."""
@@ -872,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")
     p.add_argument("--steps", type=int, default=None, help="stop at this global step (a resumed run counts on)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-steps", type=int, default=20_000)
     p.add_argument("--warmup-steps", type=int, default=50)
@@ -890,7 +975,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from d2l_integrations.engine.config import HypernetworkConfig
     from d2l_integrations.engine.hypernetwork import Hypernetwork
 
-    base = load_base_model(args.base, device=args.device, gguf_file=args.gguf)
+    data_parallel, device = init_data_parallel(args.device)
+    base = load_base_model(args.base, device=device, gguf_file=args.gguf)
     overrides = {**SMOLLM2_135M_SHAPE, **(json.loads(args.hypernet_config) if args.hypernet_config else {})}
     if args.init:
         from d2l_integrations.engine.checkpoint import load_checkpoint
@@ -905,7 +991,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
                          warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
                          task_kwargs={t: lengths for t, _ in tasks})
-    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out, data_parallel=data_parallel)
     if trainer.maybe_resume():
         logger.info("Resumed from %s at step %d", args.out, trainer.step)
     trainer.precompute_teacher_responses()

@@ -909,6 +909,10 @@ def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - o
         msg = f"Cannot parse task {name!r}: expected e.g. 'facts', 'facts/4', 'squad/1-3+d2', 'text/1-3*4'."
         raise ValueError(msg)
     base_name, lo, hi, dist, per_doc = m.groups()
+    lengths = kwargs.get("min_tokens"), kwargs.get("max_tokens")
+    if None not in lengths and not 0 < lengths[0] <= lengths[1]:
+        msg = f"Document length range min_tokens={lengths[0]}, max_tokens={lengths[1]} is empty: give 0 < min_tokens <= max_tokens."
+        raise ValueError(msg)
     task = _base_task(base_name, split, kwargs)
     if lo is not None or dist is not None:
         lo_i = int(lo or 1)
@@ -951,17 +955,19 @@ class TaskMix:
     """Weighted mixture of tasks; ``batch(step)`` is a pure function of ``(seed, step)``.
 
     Weights count draws: a ``*k`` task (``GroupedTask``) adds ``k`` rows per draw (fewer at the
-    end of a batch).
+    end of a batch). ``stream`` > 0 gives an independent sequence of batches from the same seed
+    (one per data-parallel rank); stream 0 is the single-process sequence.
     """
 
-    def __init__(self, tasks: Sequence[tuple[object, float]], *, seed: int) -> None:
+    def __init__(self, tasks: Sequence[tuple[object, float]], *, seed: int, stream: int = 0) -> None:
         self.tasks = [t for t, _ in tasks]
         w = np.asarray([w for _, w in tasks], dtype=np.float64)
         self.weights = w / w.sum()
         self.seed = seed
+        self.stream = stream
 
     def batch(self, step: int, size: int) -> list[Example]:
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([self.seed, step] if self.stream == 0 else [self.seed, step, self.stream])
         out: list[Example] = []
         while len(out) < size:
             task = self.tasks[int(rng.choice(len(self.tasks), p=self.weights))]

@@ -611,3 +611,11 @@ def test_trainer_pulls_generated_deltas_towards_distill_targets(tmp_path, tiny_b
     with pytest.raises(FileNotFoundError, match="distill_targets"):
         for _ in range(20):
             trainer.train_step()
+
+
+def test_an_empty_document_length_range_is_refused_with_the_fix():
+    from d2l_integrations.engine.training_data import make_task
+
+    with pytest.raises(ValueError, match="min_tokens <= max_tokens"):
+        make_task("needle_alone", min_tokens=128, max_tokens=64)
+    assert make_task("needle_alone", min_tokens=64, max_tokens=64).sample(np.random.default_rng(0)).doc

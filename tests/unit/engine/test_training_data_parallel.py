@@ -1,0 +1,154 @@
+"""Data-parallel training (``torchrun``): two real gloo processes on CPU with the tiny random llama.
+
+The processes meet through a ``FileStore`` in ``tmp_path``; gloo then talks over loopback between
+the two local processes (nothing leaves the machine). Each test waits at most ``TIMEOUT_S`` for
+them, so a collective that one rank skips fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from d2l_integrations.engine.training import DistillationTrainer
+from tests.tiny_models import make_tiny_base
+from tests.unit.engine.test_training import config, tiny_hypernet
+
+TIMEOUT_S = 180
+
+
+def _spawn(fn, world: int, *args) -> None:  # noqa: ANN001
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
+    t_end = time.time() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.time() > t_end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"data-parallel workers did not finish in {TIMEOUT_S} s (a rank missed a collective?)")
+
+
+def _join(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+
+
+def _train_worker(rank: int, world: int, store: str, run: str, results: str) -> None:
+    _join(rank, world, store)
+    try:
+        base = make_tiny_base()  # the frozen base is the same on every rank, as when each loads one checkpoint
+        torch.manual_seed(100 + rank)  # ... but the hypernetworks start apart: the trainer must align them
+        net = tiny_hypernet(base)
+        own_init = {k: v.clone() for k, v in net.state_dict().items()}
+        trainer = DistillationTrainer(base, net, config(max_steps=50, save_every=2), out_dir=run, data_parallel=True)
+        start = {k: v.clone() for k, v in net.state_dict().items()}
+        first_docs = [e.doc for e in trainer.train_data.batch(0, 4)]
+
+        # the reduction itself: gradients are means over the ranks that had rows, counters are totals
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.full_like(p, float(rank + 1))
+        rec, tokens, any_rows = trainer._all_reduce({"loss": rank + 1.0, "kl": 0.0, "key_ce": 0.0, "key_acc": 0.0},
+                                                    tokens=10 * (rank + 1), skipped=rank, wrong=1)
+        both = {"grad": sorted({float(p.grad.unique().item()) for p in params}), "loss": rec["loss"], "tokens": tokens,
+                "any_rows": any_rows, "skipped": trainer.skipped_rows, "wrong": trainer.wrong_teacher_rows}
+        for p in params:
+            p.grad = torch.full_like(p, 3.0) if rank == 0 else None  # rank 1 had no rows this step
+        rec, tokens, _ = trainer._all_reduce({"loss": 3.0, "kl": 0.0, "key_ce": 0.0, "key_acc": 0.0} if rank == 0 else {},
+                                             tokens=7 if rank == 0 else 0, skipped=0, wrong=0)
+        one = {"grad": sorted({float(p.grad.unique().item()) for p in params}), "loss": rec["loss"], "tokens": tokens}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.skipped_rows = trainer.wrong_teacher_rows = 0
+
+        trainer.train(max_steps=3)
+        after_3 = trainer.step
+        # rank 1's deadline has passed, rank 0 has none: both must stop after the same step
+        trainer.train(deadline=time.time() - 1 if rank == 1 else None, max_steps=50)
+        torch.save({"own_init": own_init, "start": start, "end": net.state_dict(), "first_docs": first_docs, "both": both,
+                    "one": one, "after_3": after_3, "step": trainer.step, "tokens_seen": trainer.tokens_seen},
+                   os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_draw_different_batches_and_keep_equal_weights(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _spawn(_train_worker, 2, str(tmp_path / "store"), str(tmp_path / "run"), str(results))
+    r0, r1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+
+    assert any(not torch.equal(r0["own_init"][k], r1["own_init"][k]) for k in r0["own_init"])
+    for k in r0["start"]:  # rank 1 starts from rank 0's weights ...
+        assert torch.equal(r0["start"][k], r0["own_init"][k]) and torch.equal(r1["start"][k], r0["own_init"][k]), k
+    assert r0["first_docs"] != r1["first_docs"]  # ... draws its own batches ...
+    for k in r0["end"]:  # ... and every step keeps the two equal
+        assert torch.equal(r0["end"][k], r1["end"][k]), k
+    assert any(not torch.equal(r0["end"][k], r0["start"][k]) for k in r0["end"])
+
+    for r in (r0, r1):
+        assert r["both"] == {"grad": [1.5], "loss": 1.5, "tokens": 30, "any_rows": True, "skipped": 1, "wrong": 2}
+        assert r["one"] == {"grad": [3.0], "loss": 3.0, "tokens": 7}  # the rank without rows does not dilute the mean
+        assert r["after_3"] == 3
+    assert r0["step"] == r1["step"] and 3 < r0["step"] < 50
+    assert r0["tokens_seen"] == r1["tokens_seen"] > 0
+
+    # rank 0 alone wrote the log (one line per step) and the state, which resumes in a single process
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "stopped" not in x]
+    assert steps == list(range(1, r0["step"] + 1))
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert state["step"] == r0["step"] and state["world_size"] == 2
+    base = make_tiny_base()
+    again = DistillationTrainer(base, tiny_hypernet(base), config(max_steps=50), out_dir=tmp_path / "run")
+    assert again.maybe_resume() and again.step == r0["step"]
+    for k, v in again.hypernet.state_dict().items():
+        assert torch.equal(v, r0["end"][k]), k
+
+
+def test_data_parallel_without_a_process_group_says_to_use_torchrun(tiny_base):
+    with pytest.raises(RuntimeError, match="torchrun"):
+        DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), data_parallel=True)
+
+
+def _eval_worker(rank: int, world: int, store: str, argv: list[str]) -> None:
+    _join(rank, world, store)
+    try:
+        from benchmarks.train_d2l import main
+
+        main(argv)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_d2l_shares_the_evaluation_out_and_writes_the_single_process_table(tmp_path):
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+
+    folder = tmp_path / "tiny"
+    base = make_tiny_base()
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")
+
+    def argv(name: str) -> list[str]:
+        return ["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / name / "work"),
+                "--out", str(tmp_path / name), "--minutes", "0", "--eval", "facts,needle_alone,facts_bio", "--eval-n", "4"]
+
+    _spawn(_eval_worker, 2, str(tmp_path / "store"), argv("ddp"))
+    from benchmarks.train_d2l import main
+
+    main(argv("single"))
+
+    def table(name: str) -> dict:
+        raw = json.loads((tmp_path / name / "eval.json").read_text())
+        return {t: {k: v for k, v in r.items() if k != "seconds"} for t, r in raw.items()}
+
+    ddp, single = table("ddp"), table("single")
+    assert list(ddp) == ["facts", "needle_alone", "facts_bio"]
+    assert ddp == single
