@@ -397,7 +397,12 @@ def default_features(hidden_states: Sequence[torch.Tensor], num_layers: int) -> 
 
 
 class DistillationTrainer:
-    """Trains ``hypernet`` to map a document's teacher features to a LoRA (see module docstring)."""
+    """Trains ``hypernet`` to map a document's teacher features to a LoRA (see module docstring).
+
+    ``data_parallel=True`` (inside an initialised ``torch.distributed`` group, e.g. under ``torchrun``;
+    see ``init_data_parallel``): this process is one rank of one run. It draws its own batches, joins
+    one all-reduce per step and, unless it is rank 0, writes no files.
+    """
 
     def __init__(self, base: Any, hypernet: nn.Module, config: TrainingConfig, *, out_dir: str | os.PathLike[str] | None = None,
                  target_modules: Sequence[str] | None = None, eval_split: str = "eval",
