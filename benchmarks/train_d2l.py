@@ -176,23 +176,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_train:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
                               f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train"))
-    if not trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
-        return
-    if table:
-        (out / "eval.json").write_text(json.dumps(table, indent=1))
-    if args.export:
-        summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
-                   "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
-                   **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
-                   "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
-        compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
-        folder = export(hyper, out, data_summary=summary, eval_table=compact)
-        print(f"exported {folder}", flush=True)
-    if cache.is_file():  # bring the teacher answers back so the next machine need not regenerate them
-        (out / "teacher_answers.json.gz").write_bytes(gzip.compress(cache.read_bytes()))
-    if (Path(args.work) / "log.jsonl").is_file():
-        (out / "log.jsonl").write_bytes((Path(args.work) / "log.jsonl").read_bytes())
-    print(f"total {time.time() - t_start:.1f}s", flush=True)
+    if trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
+        if table:
+            (out / "eval.json").write_text(json.dumps(table, indent=1))
+        if args.export:
+            summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                       "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
+                       **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
+                       "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
+            compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
+            folder = export(hyper, out, data_summary=summary, eval_table=compact)
+            print(f"exported {folder}", flush=True)
+        if cache.is_file():  # bring the teacher answers back so the next machine need not regenerate them
+            (out / "teacher_answers.json.gz").write_bytes(gzip.compress(cache.read_bytes()))
+        if (Path(args.work) / "log.jsonl").is_file():
+            (out / "log.jsonl").write_bytes((Path(args.work) / "log.jsonl").read_bytes())
+        print(f"total {time.time() - t_start:.1f}s", flush=True)
+    if trainer.world_size > 1:  # the ranks leave together, after rank 0's files are written
+        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def _train_worker(rank: int, world: int, store: str, run: str, results: str) -> 
         torch.save({"own_init": own_init, "start": start, "end": net.state_dict(), "first_docs": first_docs, "both": both,
                     "one": one, "after_3": after_3, "step": trainer.step, "tokens_seen": trainer.tokens_seen},
                    os.path.join(results, f"rank{rank}.pt"))
+        dist.barrier()  # tear down together: a rank that leaves while the other still talks can abort it
     finally:
         dist.destroy_process_group()
 
@@ -120,7 +121,7 @@ def _eval_worker(rank: int, world: int, store: str, argv: list[str]) -> None:
     try:
         from benchmarks.train_d2l import main
 
-        main(argv)
+        main(argv)  # ends with a barrier under data parallel
     finally:
         dist.destroy_process_group()
 
