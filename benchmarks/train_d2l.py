@@ -76,7 +76,9 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
         t = t if split == "eval" else f"{split}:{t}"
         table[t] = res
         print(json.dumps({"eval": t, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
-                          "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()}, "samples": res["samples"]}), flush=True)
+                          "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()},
+                          **({"made_up_recall": {k: round(v, 1) for k, v in res["made_up_recall"].items()}} if "made_up_recall" in res else {}),
+                          "samples": res["samples"]}), flush=True)
     if trainer.world_size == 1:
         return table
     parts: list[dict] = [{} for _ in range(trainer.world_size)]

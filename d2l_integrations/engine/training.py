@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -843,12 +844,17 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
     ``mismatched`` uses the adapter of the next document in the list (another haystack/person).
     Also reports, for ``mismatched``, how often the *other* document's answer comes out (leak).
     ``scorer(prediction, answers)`` (e.g. SQuAD token F1) adds a ``score`` table (mean x 100).
+    Examples with made-up names (``renames``, e.g. ``squad_swap``) add ``made_up_recall``: the %
+    of answers holding one of the document's made-up words or numbers that the question does not
+    (recall of the document's vocabulary, right answer or not; ``mismatched`` and ``no_context``
+    give the chance level).
     """
     tok = trainer.tokens
     trainer.hypernet.eval()
     scores: dict[str, list[float]] = {c: [] for c in conditions}
     hits: dict[str, list[bool]] = {c: [] for c in conditions}
     leak: list[bool] = []
+    recall: dict[str, list[bool]] = {c: [] for c in conditions}
     samples: dict[str, list[str]] = {c: [] for c in conditions}
     examples = list(examples)
     for i in range(0, len(examples), batch_size):
@@ -871,6 +877,8 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
                 hits[cond].append(any(a.lower() in t.lower() for a in e.answers))
                 if scorer is not None:
                     scores[cond].append(float(scorer(t, e.answers)))
+                if e.renames:
+                    recall[cond].append(recalls_made_up(e, t))
                 if cond == "mismatched":
                     other = exs[(j + 1) % len(exs)]
                     leak.append(any(a.lower() in t.lower() for a in other.answers) and other.answers != e.answers)
@@ -881,7 +889,19 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
     result = {"accuracy": table, "n": len(hits[conditions[0]]), "samples": samples}
     if scorer is not None:
         result["score"] = {c: 100.0 * float(np.mean(v)) for c, v in scores.items()}
+    if any(recall.values()):
+        result["made_up_recall"] = {c: 100.0 * float(np.mean(v)) for c, v in recall.items()}
     return result
+
+
+_WORD = re.compile(r"\d[\d,]*\d|\w+")  # a number with thousands commas is one token, as the swapper makes them
+
+
+def recalls_made_up(e: Example, answer: str) -> bool:
+    """Whether ``answer`` holds one of the made-up words or numbers of ``e``'s document (``e.renames``)
+    that ``e``'s question does not: the document's vocabulary came through, right answer or not."""
+    made_up = {new for _, new in e.renames} - set(_WORD.findall(e.question))
+    return bool(made_up & set(_WORD.findall(answer)))
 
 
 def _teacher_key(e: Example) -> tuple[str, str]:

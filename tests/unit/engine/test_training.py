@@ -619,3 +619,20 @@ def test_an_empty_document_length_range_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="min_tokens <= max_tokens"):
         make_task("needle_alone", min_tokens=128, max_tokens=64)
     assert make_task("needle_alone", min_tokens=64, max_tokens=64).sample(np.random.default_rng(0)).doc
+
+
+def test_made_up_recall_counts_the_documents_invented_words_the_question_lacks(tiny_base):
+    from d2l_integrations.engine.training import recalls_made_up
+
+    e = Example(doc="In 1,234 Nelquon met Ralima.", question="When did Nelquon meet Ralima?", response="", answers=["1,234"],
+                key="", task="squad_swap", renames=(("Paris", "Nelquon"), ("1,800", "1,234"), ("London", "Ralima"), ("Rome", "Tamost")))
+    assert recalls_made_up(e, "It was in 1,234.") and recalls_made_up(e, "Tamost, I think")
+    assert not recalls_made_up(e, "Nelquon met Ralima in 1800.")  # the question's own words and the original number do not count
+    assert not recalls_made_up(dataclasses.replace(e, renames=()), "It was in 1,234.")
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    rows = [dataclasses.replace(e, doc=f"Story {i}: in 1,234 Nelquon met Ralima.", response="In 1,234.") for i in range(3)]
+    res = greedy_eval(trainer, rows, max_new_tokens=4)
+    assert set(res["made_up_recall"]) == {"no_context", "full_context", "d2l", "mismatched", "bias_only"}
+    assert all(0.0 <= v <= 100.0 for v in res["made_up_recall"].values())
+    assert "made_up_recall" not in greedy_eval(trainer, [dataclasses.replace(r, renames=()) for r in rows], max_new_tokens=4)
