@@ -161,8 +161,14 @@ def demo(
     console.print(f"[bold]Documents:[/bold] {', '.join(p.name for p in paths)} -> store {store}")
     # the demo's own store: adapters made by an older checkpoint (a package upgrade) are rebuilt, not refused
     kb = KnowledgeBase(store, engine, method=method, reinternalize=True)
+    # samples are keyed by file name, not by their path inside this install, so the cache-folder store holds them
+    # once whichever checkout or virtual environment runs the demo; copies that older versions keyed by path go
+    ids = [f"sample:{p.name}" for p in paths]
+    for info in kb.list():
+        if info.doc_id not in ids and Path(info.source).parent.name == SAMPLES.name and Path(info.source).name in {p.name for p in paths}:
+            kb.delete(info.doc_id)
     t0 = time.perf_counter()
-    kb.add(paths, progress=True)
+    kb.add(paths, doc_id=ids, progress=True)
     internalize_s = time.perf_counter() - t0
     stats = kb.last_add_stats
     console.print(f"Ingested {len(kb)} documents in {internalize_s:.1f} s ({stats})")

@@ -112,10 +112,17 @@ def test_demo_builds_then_reuses_then_rebuilds_an_outdated_store(
     from d2l_integrations.knowledge.adapter_store import internalizer_key
 
     store = tmp_path / "demo-kb"
+    # the samples as an older version stored them: keyed by their path in another install
+    other_install = tmp_path / "other-install" / "samples"
+    other_install.mkdir(parents=True)
+    for sample in sorted(p for p in cli.SAMPLES.iterdir() if p.suffix in (".md", ".txt", ".html") and p.name != "README.md"):
+        (other_install / sample.name).write_bytes(sample.read_bytes())
+    _ok("ingest", *map(str, sorted(other_install.iterdir())), "--store", str(store))
 
     first = _ok("demo", "--store", str(store), "--routes", "d2l,rag")  # the README's main job, in full
     assert "Summary" in first.stdout and "mean latency" in first.stdout
-    assert "Ingested 3 documents" in first.stdout and "skipped=0" in first.stdout
+    assert "Ingested 3 documents" in first.stdout and "skipped=0" in first.stdout  # the samples once, not twice
+    assert "sample:vellamy_bakery.html" in _ok("list", "--store", str(store)).stdout
     assert "/6" in first.stdout  # "<correct>/6" per route
 
     # A second run reuses the store: nothing is parsed or internalized again (one question, rag, to keep it short).
