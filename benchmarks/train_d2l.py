@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="where eval.json (and the exported checkpoint) go")
     p.add_argument("--tasks", default="facts_varied/1-4+d2:2,squad/1-3+d1:2,needle_para/1-4+d1:1")
     p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (eval and export come after)")
+    p.add_argument("--grow-rank", type=int, default=0,
+                   help="fine-tune --init with this larger LoRA rank (hypernetwork.grow_rank: the same adapters to start with)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-steps", type=int, default=6000)
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     base = load_base_model(args.base, device=device, gguf_file=args.gguf)
     print(f"base loaded in {time.time() - t_start:.1f}s on {base.device}", flush=True)
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
+    if args.grow_rank:
+        from d2l_integrations.engine.hypernetwork import grow_rank
+
+        hyper = grow_rank(hyper, args.grow_rank).train()  # the same adapters at step 0; the new ranks start at B = 0
     for prm in hyper.parameters():
         prm.requires_grad_(True)
     task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))
         if args.export:
-            summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+            summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

@@ -22,6 +22,7 @@ module axis, ``[L, M, D, d_lora]`` (the reference drops it when M == 1).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -452,6 +453,48 @@ def _path_function(naming: ModulePathNaming | Callable[[int, str], str] | None) 
     if hasattr(naming, "module_path"):
         return naming.module_path
     return naming
+
+
+def grow_rank(net: Hypernetwork, rank: int, *, seed: int = 0) -> Hypernetwork:
+    """A copy of ``net`` that generates rank-``rank`` LoRAs, starting with exactly ``net``'s adapters.
+
+    Each module gets ``rank - r`` new decoder queries (perturbed copies of its existing ones) whose
+    B scalers start at 0, and the bias LoRA gets new rows with B = 0, so every delta ``B^T A`` is
+    unchanged until training moves them (``lora_alpha`` is kept). The head, most of the weights,
+    does not depend on the rank: a grown checkpoint is barely larger. For fine-tuning a trained
+    checkpoint with more rank instead of starting again.
+    """
+    old = net.config.rank
+    if rank < old:
+        msg = f"grow_rank makes the rank larger: {net.config.rank} -> {rank} would drop trained ranks. Give rank >= {old}."
+        raise ValueError(msg)
+    ref = net.head.weight
+    grown = Hypernetwork(dataclasses.replace(net.config, rank=rank)).to(device=ref.device, dtype=ref.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    new = rank - old
+    M, D = len(net.module_dims), net.config.latent_size
+
+    def pad(t: torch.Tensor, dim: int, extra: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, extra.to(device=t.device, dtype=t.dtype)], dim=dim)
+
+    state = {}
+    for key, value in net.state_dict().items():
+        if key == "perceiver.decoder.latents_q":  # module-major: query m * r + i
+            q = value.reshape(M, old, D)
+            pick = torch.randint(old, (M, new), generator=gen)
+            copies = torch.stack([q[m, pick[m]] for m in range(M)]).cpu().float()
+            noise = 0.1 * copies.std() * torch.randn(copies.shape, generator=gen)
+            value = pad(q, 1, copies + noise).reshape(M * rank, D)
+        elif key.startswith(("scaler_A.", "scaler_B.")):  # (1, L, r, 1)
+            fill = 1.0 if key.startswith("scaler_A.") else 0.0
+            value = pad(value, 2, torch.full((1, value.shape[1], new, 1), fill))
+        elif key.startswith("bias_A."):  # (L, r, d_in)
+            value = pad(value, 1, torch.randn(value.shape[0], new, value.shape[2], generator=gen) * (0.2 / math.sqrt(value.shape[2] * rank)))
+        elif key.startswith("bias_B."):  # (L, r, d_out)
+            value = pad(value, 1, torch.zeros(value.shape[0], new, value.shape[2]))
+        state[key] = value
+    grown.load_state_dict(state)
+    return grown
 
 
 def check_base_shapes(config: HypernetworkConfig, base: Any) -> None:

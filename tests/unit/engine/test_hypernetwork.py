@@ -20,6 +20,7 @@ from d2l_integrations.engine.hypernetwork import (
     default_module_path,
     encode_context,
     features_from_hidden_states,
+    grow_rank,
 )
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 from d2l_integrations.errors import ConfigError, IncompatibleCheckpointError, InvalidDocumentError
@@ -304,3 +305,27 @@ def test_chat_prefix_equals_the_trainers_document_prefix(base: BaseModel, system
     teacher_ids, prefix_length = Tokenizer(base.tokenizer, system_prompt=system_prompt).teacher_prompt("the document", "a question?")
     net = Hypernetwork(tiny_config(context_format="chat_prefix", chat_system_prompt=system_prompt))
     assert HypernetworkInternalizer(net).tokenize_chunk(base, "the document") == teacher_ids[:prefix_length]
+
+
+def test_grow_rank_keeps_every_adapter_and_lets_the_new_ranks_learn():
+    net = randomized(Hypernetwork(tiny_config()))  # two modules, so the module-major decoder queries are reordered right
+    features, mask = torch.randn(3, LAYERS, 5, HIDDEN), torch.ones(3, 5)
+    mask[1, 3:] = 0
+
+    def deltas(h: Hypernetwork) -> list[torch.Tensor]:
+        out = [torch.einsum("nlri,nlro->nlio", A, B) for A, B in h(features, mask).values()]
+        return out + [torch.einsum("lri,lro->lio", A, B) for A, B in h.bias_factors().values()]
+
+    grown = grow_rank(net, 5)
+    assert grown.config.rank == 5 and grown.config.lora_alpha == net.config.lora_alpha
+    assert grown(features, mask)["q_proj"][0].shape == (3, LAYERS, 5, HIDDEN)
+    for before, after in zip(deltas(net), deltas(grown), strict=True):
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    new_queries = grown.perceiver.decoder.latents_q.reshape(2, 5, -1)[:, 2:]
+    assert torch.cdist(new_queries.flatten(0, 1), new_queries.flatten(0, 1)).triu(1).gt(0).sum() == 15  # all distinct
+
+    sum(d.pow(2).sum() for d in deltas(grown.train())).backward()
+    assert grown.scaler_B["down_proj"].grad[0, :, 2:].abs().sum() > 0  # training reaches the new ranks
+
+    with pytest.raises(ValueError, match="rank >= 2"):
+        grow_rank(net, 1)

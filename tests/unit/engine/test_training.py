@@ -636,3 +636,21 @@ def test_made_up_recall_counts_the_documents_invented_words_the_question_lacks(t
     assert set(res["made_up_recall"]) == {"no_context", "full_context", "d2l", "mismatched", "bias_only"}
     assert all(0.0 <= v <= 100.0 for v in res["made_up_recall"].values())
     assert "made_up_recall" not in greedy_eval(trainer, [dataclasses.replace(r, renames=()) for r in rows], max_new_tokens=4)
+
+
+def test_train_d2l_grows_the_rank_of_its_init_checkpoint(tiny_base, tmp_path):
+    from benchmarks.train_d2l import main
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")  # rank 2
+    main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+          "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
+          "--grow-rank", "3", "--export"])
+    config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
+    assert config["hypernetwork"]["rank"] == 3 and config["metadata"]["data_summary"]["grown_to_rank"] == 3
+    state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and state["hypernet"]["scaler_B.down_proj"].shape[2] == 3

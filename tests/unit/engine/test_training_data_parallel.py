@@ -153,3 +153,4 @@ def test_train_d2l_shares_the_evaluation_out_and_writes_the_single_process_table
     ddp, single = table("ddp"), table("single")
     assert list(ddp) == ["facts", "needle_alone", "facts_bio"]
     assert ddp == single
+
