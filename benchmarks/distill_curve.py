@@ -12,6 +12,10 @@ answers held-out *natural* questions (never the cloze training questions) greedi
     full_context  base model, document + question in the prompt (the teacher's view)
     distill@S    base + the document's own LoRA after S steps
     mismatched   base + another document's LoRA (largest budget): must stay ~0
+With ``variants`` other than ``free`` (benchmarks.latent_refine), the teacher data is built once and
+shared, and the table adds ``hypernetwork`` (the checkpoint's adapter, step 0 of head/warm), its
+mismatched control, and ``<variant>@S`` / ``mismatched:<variant>`` per variant:
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.distill_curve split=eval tasks=squad variants=free,head,warm
 Tasks and metrics:
     needles  magic-number haystacks (D2L_DATA_DIR/magic_number_niah/test_128_256.jsonl), exact number
     facts    invented biographies (d2l_integrations.engine.synthetic), answer contained in the output
@@ -71,6 +75,9 @@ answer_tokens = 24
 seed = 0
 out_dir = "benchmarks/results/distill_curve"
 run_name = ""  # default: <split>-<device>-<timestamp>
+variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), head (the hypernetwork's latents), warm
+checkpoint = "default"  # hypernetwork for the head/warm variants and the "hypernetwork" condition ("default": the shipped one)
+latent_lr = 1e-2  # AdamW lr of the latents (variant head); choose it on split=dev
 # -----------------------------------------------------------------------------
 _SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (str, int, float))]
 for _arg in sys.argv[1:]:  # key=value overrides, typed like the default
@@ -157,16 +164,70 @@ def write_report(folder: Path, run: str, config: DistillConfig, steps: list[int]
     info = {"settings": settings, "config": config.to_dict(), "device_name": device_name,
             "command": " ".join(sys.argv), "summary": summary}
     (folder / "results.json").write_text(json.dumps(info, indent=2, default=str))
-    lines = [f"run `{run}` ({split} split, device {device_name}, dtype {dtype_name})", "",
-             "| task (metric) | docs/Qs | no ctx | full ctx | " + " | ".join(f"distill@{s} (s/chunk)" for s in steps)
-             + " | mismatched |", "|---" * (5 + len(steps)) + "|"]
+    names = [k for k in next(iter(summary.values()))["accuracy"]] if summary else []
+    lines = [f"run `{run}` ({split} split, device {device_name}, dtype {dtype_name}); accuracy (seconds per chunk)", "",
+             "| task (metric) | docs/Qs | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
     for task, t in summary.items():
-        acc = t["accuracy"]
-        cells = " | ".join(f"{acc[f'distill@{s}']:.2f} ({t['seconds_per_chunk'][s]:.1f})" for s in steps)
-        lines.append(f"| {task} ({t['metric']}) | {t['docs']}/{t['questions']} | {acc['no_context']:.2f} | "
-                     f"{acc['full_context']:.2f} | {cells} | {acc['mismatched']:.2f} |")
+        cells = []
+        for k in names:
+            secs = t["seconds_per_chunk"].get(k)
+            cells.append(f"{t['accuracy'][k]:.2f}" + (f" ({secs:.1f})" if secs is not None else ""))
+        lines.append(f"| {task} ({t['metric']}) | {t['docs']}/{t['questions']} | " + " | ".join(cells) + " |")
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def run_free(base: BaseModel, distill: DistillInternalizer, docs: list[dict], steps: list[int]) -> tuple[dict, dict, dict]:
+    """Plain distillation: conditions (per-document adapters), seconds per chunk, extra summary fields."""
+    t0 = time.perf_counter()
+    results = distill.distill_chunks(base, [d["text"] for d in docs], snapshot_steps=steps)
+    wall = time.perf_counter() - t0
+    conditions: dict[str, list[LoRAAdapter | None] | None] = {"no_context": [None] * len(docs), "full_context": None}
+    for s in steps:
+        conditions[f"distill@{s}"] = [r.snapshots[s][1] if s in r.snapshots else r.adapter for r in results]
+    conditions["mismatched"] = [results[(i + 1) % len(docs)].adapter for i in range(len(docs))]
+    seconds = {f"distill@{s}": sum(r.snapshots[s][0] for r in results if s in r.snapshots) / len(results) for s in steps}
+    extra = {"teacher_seconds_per_chunk": sum(r.teacher_seconds for r in results) / len(results),
+             "train_kl": [r.train_kl for r in results], "held_out_kl": [r.held_out_kl for r in results], "wall_seconds": wall}
+    return conditions, seconds, extra
+
+
+def run_variants(base: BaseModel, distill: DistillInternalizer, docs: list[dict], steps: list[int]) -> tuple[dict, dict, dict]:
+    """``variants`` on shared teacher data, plus the hypernetwork's own adapters (see benchmarks.latent_refine)."""
+    from benchmarks.latent_refine import refine  # noqa: PLC0415 - only this mode needs the hypernetwork
+    from d2l_integrations.engine.checkpoint import load_internalizer  # noqa: PLC0415
+    from d2l_integrations.engine.engine import shipped_checkpoint_path  # noqa: PLC0415
+
+    folder = shipped_checkpoint_path(base.name) if checkpoint == "default" else Path(checkpoint)
+    if folder is None:
+        raise SystemExit(f"No hypernetwork ships for {base.name}; pass checkpoint=<folder>.")
+    hyper = load_internalizer(folder, base)
+    texts = [d["text"] for d in docs]
+    t0 = time.perf_counter()
+    data = [distill._prepare_chunk(base, t, None) for t in texts]  # noqa: SLF001 - the teacher data every variant shares
+    teacher_s = (time.perf_counter() - t0) / len(docs)
+    module_paths = distill._module_paths(base)  # noqa: SLF001
+    t0 = time.perf_counter()
+    own = hyper.internalize_chunks(base, texts)
+    conditions: dict[str, list[LoRAAdapter | None] | None] = {
+        "no_context": [None] * len(docs), "full_context": None,
+        "hypernetwork": list(own), "mismatched:hypernetwork": [own[(i + 1) % len(docs)] for i in range(len(docs))]}
+    seconds = {"hypernetwork": (time.perf_counter() - t0) / len(docs)}
+    for v in variants.split(","):
+        t0 = time.perf_counter()
+        snaps: dict[int, list[LoRAAdapter]] = {s: [] for s in steps}
+        for g in range(0, len(docs), chunks_per_batch):
+            out = refine(base, distill.config, data[g:g + chunks_per_batch], module_paths, v.strip(), internalizer=hyper,
+                         texts=texts[g:g + chunks_per_batch], latent_lr=latent_lr, snapshot_steps=steps)
+            for s in steps:
+                snaps[s].extend(out[s])
+        per_step = (time.perf_counter() - t0) / len(docs) / steps[-1]
+        for s in steps:
+            conditions[f"{v}@{s}"] = snaps[s]
+            seconds[f"{v}@{s}"] = teacher_s + per_step * s
+        conditions[f"mismatched:{v}"] = [snaps[steps[-1]][(i + 1) % len(docs)] for i in range(len(docs))]
+        print(v, "trained", flush=True)
+    return conditions, seconds, {"teacher_seconds_per_chunk": teacher_s, "checkpoint": hyper.checkpoint_id}
 
 
 def main() -> None:
@@ -192,13 +253,7 @@ def main() -> None:
     for task in tasks.split(","):
         loader, n = loaders[task]
         docs = loader(n)
-        t0 = time.perf_counter()
-        results = distill.distill_chunks(base, [d["text"] for d in docs], snapshot_steps=steps)
-        wall = time.perf_counter() - t0
-        conditions: dict[str, list[LoRAAdapter | None] | None] = {"no_context": [None] * len(docs), "full_context": None}
-        for s in steps:
-            conditions[f"distill@{s}"] = [r.snapshots[s][1] if s in r.snapshots else r.adapter for r in results]
-        conditions["mismatched"] = [results[(i + 1) % len(docs)].adapter for i in range(len(docs))]
+        conditions, seconds, extra = run_variants(base, distill, docs, steps) if variants != "free" else run_free(base, distill, docs, steps)
         scores: dict[str, list[float]] = defaultdict(list)
         for name, per_doc in conditions.items():
             prompts, adapters, refs = [], [], []
@@ -212,17 +267,13 @@ def main() -> None:
                 scores[name].append(s_)
                 answers_log.write(json.dumps({"task": task, "doc": d["id"], "condition": name, "question": q,
                                               "gold": gold, "prediction": pred, "score": s_}) + "\n")
-        seconds = {s: sum(r.snapshots[s][0] for r in results if s in r.snapshots) / len(results) for s in steps}
         summary[task] = {
             "docs": len(docs),
             "metric": docs[0]["metric"],
             "questions": len(scores["no_context"]),
             "accuracy": {k: sum(v) / len(v) for k, v in scores.items()},
             "seconds_per_chunk": seconds,
-            "teacher_seconds_per_chunk": sum(r.teacher_seconds for r in results) / len(results),
-            "train_kl": [r.train_kl for r in results],
-            "held_out_kl": [r.held_out_kl for r in results],
-            "wall_seconds": wall,
+            **extra,
         }
         if device.startswith("cuda"):  # what a job sharing the GPU must leave room for
             summary[task]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

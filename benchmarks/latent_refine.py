@@ -1,0 +1,145 @@
+"""Per-document distillation *around* the hypernetwork: is the limit its head, or its encoder?
+
+The hypernetwork writes each document's adapter through a fixed, learned head: every rank-one piece
+``(A_i, B_i)`` of layer ``l`` is ``head_l(z_i / |z_i|)`` for one latent ``z_i`` of ``latent_size``
+numbers. So the adapters it can ever produce live in a small space (``L x r x D`` numbers per
+document: 30 x 8 x 128 for the default), and the encoder (Perceiver over the document's features)
+only chooses a point in it. Two distillation variants, on the same teacher data as plain
+``distill`` (``DistillInternalizer._prepare_chunk``), separate the two failure modes:
+
+``head``  optimise the latents ``z`` of one document directly (the head, scalers and bias LoRA fixed),
+          starting from the encoder's own ``z``. What the head *can* express for this document.
+          If it reaches plain distillation's accuracy, the head is not the limit: the encoder is.
+``warm``  the hypernetwork's adapter, fixed, plus a free rank-``r`` LoRA trained on top (its B starts
+          at 0, so step 0 is exactly the hypernetwork's adapter): distillation warm-started by the
+          hypernetwork, against ``free`` (plain distillation from zero).
+
+Used by ``benchmarks.distill_curve`` (``variants=free,head,warm``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from d2l_integrations.engine.base_model import BaseModel
+from d2l_integrations.engine.distill import DistillConfig, _ChunkData, _GroupTrainer, _RowLoRA, _stable_hash
+from d2l_integrations.engine.hypernetwork import HypernetworkInternalizer, encode_context
+from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
+
+VARIANTS = ("free", "head", "warm")
+
+
+@torch.no_grad()
+def encoder_latents(internalizer: HypernetworkInternalizer, base: BaseModel, texts: list[str]) -> torch.Tensor:
+    """The hypernetwork's latents before normalisation and head, ``[C, L, M, r, D]`` (fp32), one row per text."""
+    net = internalizer.hypernetwork.to(base.device)
+    token_ids = [internalizer.tokenize_chunk(base, t) for t in texts]
+    width = max(len(ids) for ids in token_ids)
+    pad = getattr(base.tokenizer, "pad_token_id", None) or 0
+    input_ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):  # right padding, as HypernetworkInternalizer
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    features = encode_context(base, input_ids, mask)
+    return net.layers(net.aggregate(features, mask.to(features.device))).float()
+
+
+class ComposedLoRA(_RowLoRA):
+    """Per chunk: the hypernetwork's adapter from latents ``z`` (trained if ``train_latents``), its bias LoRA,
+    and, if ``free``, a trainable rank-``cfg.rank`` LoRA (``_RowLoRA``'s init: B = 0). All parts are
+    concatenated along the rank with their scalings folded into B, so the hook's scaling is 1."""
+
+    def __init__(self, base: BaseModel, module_paths: list[str], cfg: DistillConfig, seeds: list[int],
+                 internalizer: HypernetworkInternalizer, z0: torch.Tensor, *, train_latents: bool, free: bool) -> None:
+        super().__init__(base, module_paths, len(seeds), cfg, seeds)
+        self.free_A, self.free_B = (self.lora_A, self.lora_B) if free else ({}, {})
+        self.free_scaling = cfg.scaling
+        self.net = internalizer.hypernetwork.to(base.device).float().requires_grad_(False)
+        self.z = nn.Parameter(z0.detach().clone().to(base.device), requires_grad=train_latents)
+        self.path = base.module_path
+        self.scaling = 1.0
+        self.refresh()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return ([self.z] if self.z.requires_grad else []) + [*self.free_A.values(), *self.free_B.values()]
+
+    def refresh(self) -> None:
+        """Recompute the composed factors from the current parameters (call before every forward)."""
+        net = self.net
+        z = self.z / torch.linalg.vector_norm(self.z, dim=-1, keepdim=True)
+        factors = net.split(net.head(z))  # module -> (A [C, L, r, d_in], B [C, L, r, d_out])
+        bias = net.bias_factors()
+        alpha, C = float(net.config.lora_alpha), z.shape[0]
+        lora_A: dict[str, torch.Tensor] = {}
+        lora_B: dict[str, torch.Tensor] = {}
+        for module, (A, B) in factors.items():
+            for layer in range(A.shape[1]):
+                name = self.path(layer, module)
+                As, Bs = [A[:, layer]], [B[:, layer] * alpha]
+                if module in bias:
+                    As.append(bias[module][0][layer].expand(C, -1, -1))
+                    Bs.append(bias[module][1][layer].expand(C, -1, -1) * alpha)
+                if name in self.free_A:
+                    As.append(self.free_A[name])
+                    Bs.append(self.free_B[name].transpose(1, 2) * self.free_scaling)
+                lora_A[name] = torch.cat(As, 1)  # (C, r', d_in)
+                lora_B[name] = torch.cat(Bs, 1).transpose(1, 2)  # (C, d_out, r')
+        self.lora_A, self.lora_B = lora_A, lora_B
+
+
+class ComposedTrainer(_GroupTrainer):
+    """``_GroupTrainer`` over a ``ComposedLoRA``: latents at ``latent_lr``, the free LoRA at ``cfg.lr``."""
+
+    def __init__(self, base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str],
+                 lora: ComposedLoRA, *, latent_lr: float) -> None:
+        super().__init__(base, cfg, data, module_paths)
+        self.lora = lora  # type: ignore[assignment]
+        groups = [{"params": [lora.z], "lr": latent_lr}] if lora.z.requires_grad else []
+        if lora.free_A:
+            groups.append({"params": [*lora.free_A.values(), *lora.free_B.values()], "lr": cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def _loss(self, batch: list) -> torch.Tensor:
+        self.lora.refresh()  # type: ignore[attr-defined]
+        return super()._loss(batch)
+
+
+def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     variant: str) -> LoRAAdapter:
+    """An adapter from ``ComposedLoRA`` factors (scaling folded in)."""
+    weights = {name: LoRAWeights(a, b, 1.0) for name, (a, b) in factors.items()}
+    provenance = AdapterProvenance(base_model=base.name, base_model_revision=base.revision, checkpoint_id=f"latent-refine-{variant}",
+                                   method="distill", source_sha256=(chunk.sha256,), chunk_ids=(), extra={"variant": variant})
+    return LoRAAdapter(weights, provenance)
+
+
+def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
+           internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
+           snapshot_steps: list[int]) -> dict[int, list[LoRAAdapter]]:
+    """Train one group of chunks with ``variant`` (``free``, ``head`` or ``warm``); adapters at each snapshot step."""
+    if variant not in VARIANTS:
+        msg = f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}."
+        raise ValueError(msg)
+    if variant == "free":
+        trainer = _GroupTrainer(base, cfg, data, module_paths)
+    else:
+        if internalizer is None:
+            msg = f"Variant {variant!r} needs a hypernetwork (checkpoint=...)."
+            raise ValueError(msg)
+        seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
+        lora = ComposedLoRA(base, module_paths, cfg, seeds, internalizer, encoder_latents(internalizer, base, texts),
+                            train_latents=variant == "head", free=variant == "warm")
+        trainer = ComposedTrainer(base, cfg, data, module_paths, lora, latent_lr=latent_lr)
+
+    def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:
+        del stats
+        if variant == "free":
+            return LoRAAdapter({n: LoRAWeights(a, bb, cfg.scaling) for n, (a, bb) in factors.items()},
+                               AdapterProvenance(base_model=b.name, base_model_revision=b.revision, checkpoint_id="latent-refine-free",
+                                                 method="distill", source_sha256=(chunk.sha256,), chunk_ids=(), extra={}))
+        return composed_adapter(b, chunk, factors, variant)
+
+    _, snaps = trainer.run(snapshot_steps, make)
+    return {s: adapters for s, (_, adapters) in snaps.items()}

@@ -1,0 +1,90 @@
+"""benchmarks/latent_refine.py on a tiny random Llama and a tiny random hypernetwork (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.latent_refine import ComposedLoRA, ComposedTrainer, composed_adapter, encoder_latents, refine
+from d2l_integrations.engine.apply import use_adapters
+from d2l_integrations.engine.config import HypernetworkConfig
+from d2l_integrations.engine.distill import DistillInternalizer, _GroupTrainer
+from d2l_integrations.engine.hypernetwork import Hypernetwork, HypernetworkInternalizer
+from tests.unit.engine.test_distill import _config, _tiny_base
+
+DOCS = ["Mira Kellan was born in Ostravel in 1984. The special magic number is 4821.",
+        "The lighthouse at Brenn Point has 212 steps. Its keeper was Tomas Arvid."]
+
+
+@pytest.fixture(scope="module")
+def setup():  # noqa: ANN201
+    base = _tiny_base()
+    cfg = HypernetworkConfig(num_layers=2, hidden_size=32, module_dims=(("down_proj", 64, 32),), rank=2, lora_alpha=3.0,
+                             latent_size=8, num_latents=2, num_blocks=1, num_heads=2, num_kv_heads=2, head_dim=4, base_model="tiny",
+                             context_format="raw")
+    torch.manual_seed(0)
+    net = Hypernetwork(cfg)
+    with torch.no_grad():  # a bias LoRA that is not zero, so the test sees it
+        for p in net.bias_B.values():
+            p.normal_(0, 0.1)
+    hyper = HypernetworkInternalizer(net.eval(), checkpoint_id="tiny-hn")
+    distill = DistillInternalizer(_config(max_steps=4, lr=3e-2, patience=0))  # as distill_curve: snapshots are plain step counts
+    data = [distill._prepare_chunk(base, d, None) for d in DOCS]
+    return base, hyper, distill, data
+
+
+def _logits(base, adapters):  # noqa: ANN001, ANN202
+    ids = torch.tensor([base.chat_ids([{"role": "user", "content": "Where was Mira born?"}])] * len(adapters))
+    with use_adapters(base.model, adapters):
+        return base.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("variant", ["head", "warm"])
+def test_step_zero_is_the_hypernetworks_own_adapter(setup, variant) -> None:  # noqa: ANN001
+    base, hyper, distill, data = setup
+    lora = ComposedLoRA(base, distill._module_paths(base), distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS),
+                        train_latents=variant == "head", free=variant == "warm")
+    trainer = ComposedTrainer(base, distill.config, data, distill._module_paths(base), lora, latent_lr=1e-2)
+    composed = [composed_adapter(base, data[c], trainer.final_factors(c), variant) for c in range(2)]
+    own = hyper.internalize_chunks(base, DOCS)
+    torch.testing.assert_close(_logits(base, composed), _logits(base, own), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_logits(base, own), _logits(base, [None, None]))  # the adapters do something
+
+
+def test_head_trains_only_the_latents(setup) -> None:  # noqa: ANN001
+    base, hyper, distill, data = setup
+    head_before = hyper.hypernetwork.head.weight.detach().clone()
+    snaps = refine(base, distill.config, data, distill._module_paths(base), "head", internalizer=hyper, texts=DOCS,
+                   latent_lr=5e-2, snapshot_steps=[1, 4])
+    own = hyper.internalize_chunks(base, DOCS)
+    assert not torch.allclose(_logits(base, snaps[4]), _logits(base, own))
+    assert torch.equal(hyper.hypernetwork.head.weight, head_before)  # the network itself is untouched
+    # every adapter stays in the head's range: rank = the hypernetwork's rank + its bias LoRA's
+    w = next(iter(snaps[4][0].weights.values()))
+    assert w.lora_A.shape[0] == 2 * hyper.config.rank
+
+
+def test_warm_and_free_train_a_free_lora(setup) -> None:  # noqa: ANN001
+    base, hyper, distill, data = setup
+    paths = distill._module_paths(base)
+    free = refine(base, distill.config, data, paths, "free", internalizer=None, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    warm = refine(base, distill.config, data, paths, "warm", internalizer=hyper, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    assert next(iter(free[4][0].weights.values())).lora_A.shape[0] == distill.config.rank
+    assert next(iter(warm[4][0].weights.values())).lora_A.shape[0] == 2 * hyper.config.rank + distill.config.rank
+    own = hyper.internalize_chunks(base, DOCS)
+    assert not torch.allclose(_logits(base, warm[4]), _logits(base, own))
+    # the free variant is plain distillation: the same factors as _GroupTrainer's
+    plain = _GroupTrainer(base, distill.config, data, paths)
+    plain.run([], lambda *a: None)
+    a_free = next(iter(free[4][0].weights.values())).lora_A
+    torch.testing.assert_close(a_free, plain.final_factors(0)[paths[0]][0])
+
+
+def test_bad_variant_and_missing_hypernetwork(setup) -> None:  # noqa: ANN001
+    base, hyper, distill, data = setup
+    with pytest.raises(ValueError, match="Unknown variant"):
+        refine(base, distill.config, data, distill._module_paths(base), "nope", internalizer=hyper, texts=DOCS, latent_lr=1e-2,
+               snapshot_steps=[])
+    with pytest.raises(ValueError, match="needs a hypernetwork"):
+        refine(base, distill.config, data, distill._module_paths(base), "head", internalizer=None, texts=DOCS, latent_lr=1e-2,
+               snapshot_steps=[])
