@@ -75,7 +75,8 @@ answer_tokens = 24
 seed = 0
 out_dir = "benchmarks/results/distill_curve"
 run_name = ""  # default: <split>-<device>-<timestamp>
-variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), head (the hypernetwork's latents), warm
+variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), head (the hypernetwork's latents), warm;
+#   "head:0.03" sets the latent lr of one variant
 checkpoint = "default"  # hypernetwork for the head/warm variants and the "hypernetwork" condition ("default": the shipped one)
 latent_lr = 1e-2  # AdamW lr of the latents (variant head); choose it on split=dev
 # -----------------------------------------------------------------------------
@@ -213,21 +214,25 @@ def run_variants(base: BaseModel, distill: DistillInternalizer, docs: list[dict]
         "no_context": [None] * len(docs), "full_context": None,
         "hypernetwork": list(own), "mismatched:hypernetwork": [own[(i + 1) % len(docs)] for i in range(len(docs))]}
     seconds = {"hypernetwork": (time.perf_counter() - t0) / len(docs)}
-    for v in variants.split(","):
+    train_kl: dict[str, list[tuple[float, float]]] = {}
+    for v in variants.split(","):  # "head:0.03" = variant head at latent_lr 0.03
+        name, _, v_lr = v.strip().partition(":")
         t0 = time.perf_counter()
         snaps: dict[int, list[LoRAAdapter]] = {s: [] for s in steps}
         for g in range(0, len(docs), chunks_per_batch):
-            out = refine(base, distill.config, data[g:g + chunks_per_batch], module_paths, v.strip(), internalizer=hyper,
-                         texts=texts[g:g + chunks_per_batch], latent_lr=latent_lr, snapshot_steps=steps)
+            out, kl = refine(base, distill.config, data[g:g + chunks_per_batch], module_paths, name, internalizer=hyper,
+                         texts=texts[g:g + chunks_per_batch], latent_lr=float(v_lr or latent_lr), snapshot_steps=steps)
             for s in steps:
                 snaps[s].extend(out[s])
+            train_kl.setdefault(v, []).extend(kl)
         per_step = (time.perf_counter() - t0) / len(docs) / steps[-1]
         for s in steps:
             conditions[f"{v}@{s}"] = snaps[s]
             seconds[f"{v}@{s}"] = teacher_s + per_step * s
         conditions[f"mismatched:{v}"] = [snaps[steps[-1]][(i + 1) % len(docs)] for i in range(len(docs))]
-        print(v, "trained", flush=True)
-    return conditions, seconds, {"teacher_seconds_per_chunk": teacher_s, "checkpoint": hyper.checkpoint_id}
+        first, last = (sum(k[j] for k in train_kl[v]) / len(train_kl[v]) for j in (0, 1))
+        print(f"{v}: trained, mean training KL {first:.3f} -> {last:.3f}", flush=True)
+    return conditions, seconds, {"teacher_seconds_per_chunk": teacher_s, "checkpoint": hyper.checkpoint_id, "train_kl": train_kl}
 
 
 def main() -> None:

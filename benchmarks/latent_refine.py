@@ -117,8 +117,12 @@ def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tupl
 
 def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
            internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
-           snapshot_steps: list[int]) -> dict[int, list[LoRAAdapter]]:
-    """Train one group of chunks with ``variant`` (``free``, ``head`` or ``warm``); adapters at each snapshot step."""
+           snapshot_steps: list[int]) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
+    """Train one group of chunks with ``variant`` (``free``, ``head`` or ``warm``).
+
+    Returns:
+        adapters at each snapshot step, and each chunk's (first, last) training KL.
+    """
     if variant not in VARIANTS:
         msg = f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}."
         raise ValueError(msg)
@@ -142,4 +146,5 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
         return composed_adapter(b, chunk, factors, variant)
 
     _, snaps = trainer.run(snapshot_steps, make)
-    return {s: adapters for s, (_, adapters) in snaps.items()}
+    kl = list(zip(trainer.first_kl, trainer.last_kl, strict=True))
+    return {s: adapters for s, (_, adapters) in snaps.items()}, kl

@@ -51,24 +51,36 @@ def test_step_zero_is_the_hypernetworks_own_adapter(setup, variant) -> None:  # 
     assert not torch.allclose(_logits(base, own), _logits(base, [None, None]))  # the adapters do something
 
 
-def test_head_trains_only_the_latents(setup) -> None:  # noqa: ANN001
+def test_head_trains_only_the_latents_and_lowers_the_loss(setup) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
     head_before = hyper.hypernetwork.head.weight.detach().clone()
-    snaps = refine(base, distill.config, data, distill._module_paths(base), "head", internalizer=hyper, texts=DOCS,
-                   latent_lr=5e-2, snapshot_steps=[1, 4])
+    snaps, kl = refine(base, distill.config, data, distill._module_paths(base), "head", internalizer=hyper, texts=DOCS,
+                       latent_lr=5e-2, snapshot_steps=[1, 4])
+    assert len(kl) == 2
     own = hyper.internalize_chunks(base, DOCS)
     assert not torch.allclose(_logits(base, snaps[4]), _logits(base, own))
     assert torch.equal(hyper.hypernetwork.head.weight, head_before)  # the network itself is untouched
     # every adapter stays in the head's range: rank = the hypernetwork's rank + its bias LoRA's
     w = next(iter(snaps[4][0].weights.values()))
     assert w.lora_A.shape[0] == 2 * hyper.config.rank
+    # and the distillation loss on every training question goes down
+    paths = distill._module_paths(base)
+    lora = ComposedLoRA(base, paths, distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=False)
+    trainer = ComposedTrainer(base, distill.config, data, paths, lora, latent_lr=5e-2)
+    batch = [(c, ex) for c in range(2) for ex in data[c].train]
+    with lora.attached(base.model), torch.no_grad():
+        before = trainer._loss(batch)
+    trainer.run([], lambda *a: None)
+    with lora.attached(base.model), torch.no_grad():
+        after = trainer._loss(batch)
+    assert (after < before).all(), (before, after)
 
 
 def test_warm_and_free_train_a_free_lora(setup) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
     paths = distill._module_paths(base)
-    free = refine(base, distill.config, data, paths, "free", internalizer=None, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
-    warm = refine(base, distill.config, data, paths, "warm", internalizer=hyper, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    free, _ = refine(base, distill.config, data, paths, "free", internalizer=None, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    warm, _ = refine(base, distill.config, data, paths, "warm", internalizer=hyper, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
     assert next(iter(free[4][0].weights.values())).lora_A.shape[0] == distill.config.rank
     assert next(iter(warm[4][0].weights.values())).lora_A.shape[0] == 2 * hyper.config.rank + distill.config.rank
     own = hyper.internalize_chunks(base, DOCS)
