@@ -76,9 +76,10 @@ seed = 0
 out_dir = "benchmarks/results/distill_curve"
 run_name = ""  # default: <split>-<device>-<timestamp>
 variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), head (the hypernetwork's latents), warm;
-#   "head:0.03" sets the latent lr of one variant
+#   "head:0.03" sets the latent lr of one variant; "none": only the hypernetwork's conditions
 checkpoint = "default"  # hypernetwork for the head/warm variants and the "hypernetwork" condition ("default": the shipped one)
 latent_lr = 1e-2  # AdamW lr of the latents (variant head); choose it on split=dev
+hyper_splits = ""  # e.g. "2,4": also the hypernetwork with each document cut into k chunks, adapters summed ("hypernetwork/k")
 # -----------------------------------------------------------------------------
 _SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (str, int, float))]
 for _arg in sys.argv[1:]:  # key=value overrides, typed like the default
@@ -198,14 +199,17 @@ def run_variants(base: BaseModel, distill: DistillInternalizer, docs: list[dict]
     from benchmarks.latent_refine import refine  # noqa: PLC0415 - only this mode needs the hypernetwork
     from d2l_integrations.engine.checkpoint import load_internalizer  # noqa: PLC0415
     from d2l_integrations.engine.engine import shipped_checkpoint_path  # noqa: PLC0415
+    from d2l_integrations.engine.lora import compose_adapters  # noqa: PLC0415
+    from d2l_integrations.engine.training_data import split_chunks  # noqa: PLC0415
 
     folder = shipped_checkpoint_path(base.name) if checkpoint == "default" else Path(checkpoint)
     if folder is None:
         raise SystemExit(f"No hypernetwork ships for {base.name}; pass checkpoint=<folder>.")
     hyper = load_internalizer(folder, base)
     texts = [d["text"] for d in docs]
+    names = [v for v in variants.split(",") if v.strip() and v.strip() != "none"]
     t0 = time.perf_counter()
-    data = [distill._prepare_chunk(base, t, None) for t in texts]  # noqa: SLF001 - the teacher data every variant shares
+    data = [distill._prepare_chunk(base, t, None) for t in texts] if names else []  # noqa: SLF001 - the teacher data every variant shares
     teacher_s = (time.perf_counter() - t0) / len(docs)
     module_paths = distill._module_paths(base)  # noqa: SLF001
     t0 = time.perf_counter()
@@ -214,8 +218,10 @@ def run_variants(base: BaseModel, distill: DistillInternalizer, docs: list[dict]
         "no_context": [None] * len(docs), "full_context": None,
         "hypernetwork": list(own), "mismatched:hypernetwork": [own[(i + 1) % len(docs)] for i in range(len(docs))]}
     seconds = {"hypernetwork": (time.perf_counter() - t0) / len(docs)}
+    for k in (int(x) for x in hyper_splits.split(",") if x):  # the product path: chunks internalized alone, adapters summed
+        conditions[f"hypernetwork/{k}"] = [compose_adapters(hyper.internalize_chunks(base, split_chunks(t, k))) for t in texts]
     train_kl: dict[str, list[tuple[float, float]]] = {}
-    for v in variants.split(","):  # "head:0.03" = variant head at latent_lr 0.03
+    for v in names:  # "head:0.03" = variant head at latent_lr 0.03
         name, _, v_lr = v.strip().partition(":")
         t0 = time.perf_counter()
         snaps: dict[int, list[LoRAAdapter]] = {s: [] for s in steps}
@@ -258,7 +264,7 @@ def main() -> None:
     for task in tasks.split(","):
         loader, n = loaders[task]
         docs = loader(n)
-        conditions, seconds, extra = run_variants(base, distill, docs, steps) if variants != "free" else run_free(base, distill, docs, steps)
+        conditions, seconds, extra = run_free(base, distill, docs, steps) if variants == "free" else run_variants(base, distill, docs, steps)
         scores: dict[str, list[float]] = defaultdict(list)
         for name, per_doc in conditions.items():
             prompts, adapters, refs = [], [], []
