@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (eval and export come after)")
     p.add_argument("--grow-rank", type=int, default=0,
                    help="fine-tune --init with this larger LoRA rank (hypernetwork.grow_rank: the same adapters to start with)")
+    p.add_argument("--grow-latents", type=int, default=0,
+                   help="fine-tune --init with this many times the encoder latents (hypernetwork.grow_latents: nearly the same adapters)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-steps", type=int, default=6000)
@@ -150,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         from d2l_integrations.engine.hypernetwork import grow_rank
 
         hyper = grow_rank(hyper, args.grow_rank).train()  # the same adapters at step 0; the new ranks start at B = 0
+    if args.grow_latents:
+        from d2l_integrations.engine.hypernetwork import grow_latents
+
+        hyper = grow_latents(hyper, args.grow_latents).train()  # each latent repeated (+2 % noise): nearly the same adapters
     for prm in hyper.parameters():
         prm.requires_grad_(True)
     task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))
         if args.export:
-            summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+            summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
+                       **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

@@ -497,6 +497,32 @@ def grow_rank(net: Hypernetwork, rank: int, *, seed: int = 0) -> Hypernetwork:
     return grown
 
 
+def grow_latents(net: Hypernetwork, factor: int = 2, *, noise: float = 0.02, seed: int = 0) -> Hypernetwork:
+    """A copy of ``net`` whose Perceiver encoder has ``factor`` times as many latents, each old latent
+    repeated ``factor`` times (plus ``noise`` x its std, so the copies can drift apart in training).
+
+    The encoder's latents never attend to each other, and the decoder's softmax over ``factor``
+    identical copies of every latent gives the same average as over the originals, so with
+    ``noise=0`` the adapters are exactly ``net``'s; with a little noise they are nearly so. More
+    latents are more room for what the encoder reads out of a document, for the same head and
+    checkpoint size (``num_latents x latent_size`` more numbers).
+    """
+    if factor < 1:
+        msg = f"grow_latents multiplies the number of latents: give factor >= 1, got {factor}."
+        raise ValueError(msg)
+    ref = net.head.weight
+    old = net.config.num_latents
+    grown = Hypernetwork(dataclasses.replace(net.config, num_latents=old * factor)).to(device=ref.device, dtype=ref.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    state = dict(net.state_dict())
+    q = state["perceiver.encoder.latents_q"]  # (num_latents, D)
+    copies = q.detach().cpu().float().repeat(factor - 1, 1)
+    copies = copies + noise * float(q.float().std()) * torch.randn(copies.shape, generator=gen)
+    state["perceiver.encoder.latents_q"] = torch.cat([q, copies.to(device=q.device, dtype=q.dtype)])
+    grown.load_state_dict(state)
+    return grown
+
+
 def check_base_shapes(config: HypernetworkConfig, base: Any) -> None:
     """Raise ``IncompatibleCheckpointError`` unless ``base`` has the layers and widths of ``config``."""
     found = (base.num_layers, base.hidden_size, base.module_dims(config.target_modules))

@@ -20,6 +20,7 @@ from d2l_integrations.engine.hypernetwork import (
     default_module_path,
     encode_context,
     features_from_hidden_states,
+    grow_latents,
     grow_rank,
 )
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
@@ -329,3 +330,29 @@ def test_grow_rank_keeps_every_adapter_and_lets_the_new_ranks_learn():
 
     with pytest.raises(ValueError, match="rank >= 2"):
         grow_rank(net, 1)
+
+
+def test_grow_latents_keeps_every_adapter_exactly_without_noise_and_nearly_with_it():
+    net = randomized(Hypernetwork(tiny_config()))
+    features, mask = torch.randn(3, LAYERS, 5, HIDDEN), torch.ones(3, 5)
+    mask[1, 3:] = 0
+    before = net(features, mask)
+
+    exact = grow_latents(net, 3, noise=0.0)
+    assert exact.config.num_latents == 3 * net.config.num_latents
+    for m, (A, B) in exact(features, mask).items():
+        torch.testing.assert_close(A, before[m][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B, before[m][1], rtol=1e-5, atol=1e-6)
+
+    grown = grow_latents(net)  # default: doubled, a little noise so the copies can drift apart
+    q = grown.perceiver.encoder.latents_q
+    n = net.config.num_latents
+    assert torch.equal(q[:n], net.perceiver.encoder.latents_q) and not torch.equal(q[n:], q[:n])
+    for m, (A, _) in grown(features, mask).items():
+        assert (A - before[m][0]).norm() < 0.1 * before[m][0].norm()
+    loss = sum(A.pow(2).sum() for A, _ in grown.train()(features, mask).values())
+    loss.backward()
+    assert grown.perceiver.encoder.latents_q.grad[n:].abs().sum() > 0  # the new latents learn
+
+    with pytest.raises(ValueError, match="factor >= 1"):
+        grow_latents(net, 0)

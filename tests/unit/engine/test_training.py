@@ -638,7 +638,7 @@ def test_made_up_recall_counts_the_documents_invented_words_the_question_lacks(t
     assert "made_up_recall" not in greedy_eval(trainer, [dataclasses.replace(r, renames=()) for r in rows], max_new_tokens=4)
 
 
-def test_train_d2l_grows_the_rank_of_its_init_checkpoint(tiny_base, tmp_path):
+def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, tmp_path):
     from benchmarks.train_d2l import main
     from d2l_integrations.engine.base_model import load_base_model
     from d2l_integrations.engine.checkpoint import save_checkpoint
@@ -649,8 +649,10 @@ def test_train_d2l_grows_the_rank_of_its_init_checkpoint(tiny_base, tmp_path):
     save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")  # rank 2
     main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
           "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
-          "--grow-rank", "3", "--export"])
+          "--grow-rank", "3", "--grow-latents", "2", "--export"])
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["hypernetwork"]["rank"] == 3 and config["metadata"]["data_summary"]["grown_to_rank"] == 3
+    small = json.loads((tmp_path / "ckpt" / "config.json").read_text())["hypernetwork"]["num_latents"]
+    assert config["hypernetwork"]["num_latents"] == 2 * small and config["metadata"]["data_summary"]["latents_grown_by"] == 2
     state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["hypernet"]["scaler_B.down_proj"].shape[2] == 3
