@@ -96,9 +96,9 @@ class ComposedTrainer(_GroupTrainer):
                  lora: ComposedLoRA, *, latent_lr: float) -> None:
         super().__init__(base, cfg, data, module_paths)
         self.lora = lora  # type: ignore[assignment]
-        groups = [{"params": [lora.z], "lr": latent_lr}] if lora.z.requires_grad else []
-        if lora.free_A:
-            groups.append({"params": [*lora.free_A.values(), *lora.free_B.values()], "lr": cfg.lr})
+        groups = [{"params": [lora.z], "lr": latent_lr, "base_lr": latent_lr}] if lora.z.requires_grad else []
+        if lora.free_A:  # base_lr: what a cosine schedule (cfg.lr_schedule) decays from
+            groups.append({"params": [*lora.free_A.values(), *lora.free_B.values()], "lr": cfg.lr, "base_lr": cfg.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _loss(self, batch: list) -> torch.Tensor:

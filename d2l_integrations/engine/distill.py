@@ -1012,8 +1012,8 @@ class _GroupTrainer:
                 losses.sum().backward()
                 self._clip_per_chunk()
                 if cfg.lr_schedule == "cosine":  # step 0 trains at lr, the last step near 0
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max_steps))
+                    for group in self.optimizer.param_groups:  # a group's own "base_lr" (subclasses), else cfg.lr
+                        group["lr"] = group.get("base_lr", cfg.lr) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
                 self.optimizer.step()
                 step += 1
                 for c in range(n):

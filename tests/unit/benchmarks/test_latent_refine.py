@@ -100,3 +100,18 @@ def test_bad_variant_and_missing_hypernetwork(setup) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="needs a hypernetwork"):
         refine(base, distill.config, data, distill._module_paths(base), "head", internalizer=None, texts=DOCS, latent_lr=1e-2,
                snapshot_steps=[])
+
+
+def test_cosine_schedule_decays_each_group_from_its_own_lr(setup) -> None:  # noqa: ANN001
+    import dataclasses
+    import math
+
+    base, hyper, distill, data = setup
+    cfg = dataclasses.replace(distill.config, lr_schedule="cosine", max_steps=4)
+    paths = distill._module_paths(base)
+    lora = ComposedLoRA(base, paths, cfg, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=True)
+    trainer = ComposedTrainer(base, cfg, data, paths, lora, latent_lr=0.5)
+    trainer.run([], lambda *a: None)
+    last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the schedule's factor at the last step
+    latent_group, free_group = trainer.optimizer.param_groups
+    assert latent_group["lr"] == pytest.approx(0.5 * last) and free_group["lr"] == pytest.approx(cfg.lr * last)
