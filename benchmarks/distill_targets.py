@@ -30,7 +30,7 @@ import torch
 from d2l_integrations.engine.base_model import BaseModel, load_base_model
 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
 from d2l_integrations.engine.lora import LoRAAdapter
-from d2l_integrations.engine.training import save_target
+from d2l_integrations.engine.training import add_base_model_arguments, save_target
 from d2l_integrations.engine.training_data import _group, make_task
 
 SEED = 2027  # document draws; other seeds than the trainer's (11) and the evaluation's (1011)
@@ -71,9 +71,7 @@ def adapter_factors(adapter: LoRAAdapter, base: BaseModel) -> dict[str, tuple[to
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="default")
-    p.add_argument("--gguf", default=None)
-    p.add_argument("--device", default=None)
+    add_base_model_arguments(p)
     p.add_argument("--task", default="text_swap", help="training_data task the documents come from (train split)")
     p.add_argument("--n", type=int, default=512, help="documents to draw")
     p.add_argument("--seed", type=int, default=SEED, help="draw seed (give parallel processes different seeds and folders)")

@@ -44,6 +44,7 @@ from d2l_integrations.engine.hypernetwork import Hypernetwork  # noqa: E402
 from d2l_integrations.engine.training import (  # noqa: E402
     DistillationTrainer,
     TrainingConfig,
+    add_base_model_arguments,
     greedy_eval,
     lora_forward,
 )
@@ -299,9 +300,7 @@ def plan(args) -> None:  # noqa: ANN001
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["rung1", "plan"])
-    p.add_argument("--base", default="default")
-    p.add_argument("--gguf", default=None)
-    p.add_argument("--device", default=None)
+    add_base_model_arguments(p)
     p.add_argument("--out", default="runs/ladder")
     p.add_argument("--variants", default="d2l,d2l_sb1,fixedA,oracle")
     p.add_argument("--tasks", default="needle_alone")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from d2l_integrations.engine.checkpoint import load_checkpoint
-from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, delta_cosine
+from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, add_base_model_arguments, delta_cosine
 
 
 def _grad_vector(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -113,9 +113,7 @@ def probe(base: object, hyper: torch.nn.Module, targets_dir: str, *, rows: int =
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="default")
-    p.add_argument("--gguf", default=None)
-    p.add_argument("--device", default=None)
+    add_base_model_arguments(p)
     p.add_argument("--init", required=True, help="hypernetwork checkpoint folder")
     p.add_argument("--targets", required=True, help="folder with index.jsonl and <target>.safetensors")
     p.add_argument("--rows", type=int, default=4, help="target rows in the probe batch")

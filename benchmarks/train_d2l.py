@@ -40,6 +40,7 @@ from d2l_integrations.engine.training import (
     DistillationTrainer,
     TrainingConfig,
     _parse_tasks,
+    add_base_model_arguments,
     greedy_eval,
     init_data_parallel,
 )
@@ -102,9 +103,7 @@ def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="default")
-    p.add_argument("--gguf", default=None)
-    p.add_argument("--device", default=None)
+    add_base_model_arguments(p)
     p.add_argument("--init", required=True,
                    help="checkpoint folder to start from (e.g. d2l_integrations/checkpoints/smollm2-135m-instruct); "
                         "when --work holds a state, its weights replace the checkpoint's")

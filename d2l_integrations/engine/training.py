@@ -971,10 +971,16 @@ def _parse_tasks(spec: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train a D2L hypernetwork by context distillation.")
+def add_base_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--base``, ``--gguf`` and ``--device``: which base model a training or probe CLI loads, and where."""
     p.add_argument("--base", default="default", help="base model: 'default', HF id/folder, or a folder with --gguf")
     p.add_argument("--gguf", default=None, help="GGUF file name inside --base")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available; under torchrun, the local rank's GPU)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train a D2L hypernetwork by context distillation.")
+    add_base_model_arguments(p)
     p.add_argument("--tasks", default="needle:1", help="task:weight,... (training_data.make_task names: needle, needle_alone, needle_line, "
                    "needle_essay, needle_para, facts, facts_varied, cloze, text, text_swap, squad, squad_swap, targets; suffix /lo-hi = "
                    "chunks summed, +dN = distractor chunks, *k = k questions per document)")
@@ -992,7 +998,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
     p.add_argument("--min-tokens", type=int, default=128, help="needle haystack length, nominal tokens")
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
