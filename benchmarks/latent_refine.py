@@ -10,6 +10,10 @@ only chooses a point in it. Two distillation variants, on the same teacher data 
 ``head``  optimise the latents ``z`` of one document directly (the head, scalers and bias LoRA fixed),
           starting from the encoder's own ``z``. What the head *can* express for this document.
           If it reaches plain distillation's accuracy, the head is not the limit: the encoder is.
+``head_ab`` as ``head``, with one latent for each A row and another for each B row (both start at the
+          encoder's ``z``). The head ties them: a layer's delta is ``W_B^T (sum_i c_i z_i z_i^T) W_A``, a
+          *symmetric* rank-``r`` core with per-rank weights ``c_i`` that no document changes. If
+          ``head_ab`` fits where ``head`` cannot, untying A and B is the architectural change to make.
 ``warm``  the hypernetwork's adapter, fixed, plus a free rank-``r`` LoRA trained on top (its B starts
           at 0, so step 0 is exactly the hypernetwork's adapter): distillation warm-started by the
           hypernetwork, against ``free`` (plain distillation from zero).
@@ -27,7 +31,7 @@ from d2l_integrations.engine.distill import DistillConfig, _ChunkData, _GroupTra
 from d2l_integrations.engine.hypernetwork import HypernetworkInternalizer, encode_context
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 
-VARIANTS = ("free", "head", "warm")
+VARIANTS = ("free", "head", "head_ab", "warm")
 
 
 @torch.no_grad()
@@ -47,29 +51,42 @@ def encoder_latents(internalizer: HypernetworkInternalizer, base: BaseModel, tex
 
 
 class ComposedLoRA(_RowLoRA):
-    """Per chunk: the hypernetwork's adapter from latents ``z`` (trained if ``train_latents``), its bias LoRA,
-    and, if ``free``, a trainable rank-``cfg.rank`` LoRA (``_RowLoRA``'s init: B = 0). All parts are
-    concatenated along the rank with their scalings folded into B, so the hook's scaling is 1."""
+    """Per chunk: the hypernetwork's adapter from latents ``z`` (trained if ``train_latents``; B from its own
+    latents ``z_b`` if ``untie``), its bias LoRA, and, if ``free``, a trainable rank-``cfg.rank`` LoRA
+    (``_RowLoRA``'s init: B = 0). All parts are concatenated along the rank with their scalings folded
+    into B, so the hook's scaling is 1."""
 
     def __init__(self, base: BaseModel, module_paths: list[str], cfg: DistillConfig, seeds: list[int],
-                 internalizer: HypernetworkInternalizer, z0: torch.Tensor, *, train_latents: bool, free: bool) -> None:
+                 internalizer: HypernetworkInternalizer, z0: torch.Tensor, *, train_latents: bool, free: bool,
+                 untie: bool = False) -> None:
         super().__init__(base, module_paths, len(seeds), cfg, seeds)
         self.free_A, self.free_B = (self.lora_A, self.lora_B) if free else ({}, {})
         self.free_scaling = cfg.scaling
         self.net = internalizer.hypernetwork.to(base.device).float().requires_grad_(False)
         self.z = nn.Parameter(z0.detach().clone().to(base.device), requires_grad=train_latents)
+        self.z_b = nn.Parameter(z0.detach().clone().to(base.device), requires_grad=train_latents) if untie else None
         self.path = base.module_path
         self.scaling = 1.0
         self.refresh()
 
     def parameters(self) -> list[nn.Parameter]:
-        return ([self.z] if self.z.requires_grad else []) + [*self.free_A.values(), *self.free_B.values()]
+        return self.latents() + [*self.free_A.values(), *self.free_B.values()]
+
+    def latents(self) -> list[nn.Parameter]:
+        """The trained latents (none unless ``train_latents``)."""
+        return [z for z in (self.z, self.z_b) if z is not None and z.requires_grad]
 
     def refresh(self) -> None:
         """Recompute the composed factors from the current parameters (call before every forward)."""
         net = self.net
-        z = self.z / torch.linalg.vector_norm(self.z, dim=-1, keepdim=True)
+        def unit(z: torch.Tensor) -> torch.Tensor:
+            return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+
+        z = unit(self.z)
         factors = net.split(net.head(z))  # module -> (A [C, L, r, d_in], B [C, L, r, d_out])
+        if self.z_b is not None:  # untied: B rows from their own latents
+            from_b = net.split(net.head(unit(self.z_b)))
+            factors = {m: (A, from_b[m][1]) for m, (A, _) in factors.items()}
         bias = net.bias_factors()
         alpha, C = float(net.config.lora_alpha), z.shape[0]
         lora_A: dict[str, torch.Tensor] = {}
@@ -96,7 +113,7 @@ class ComposedTrainer(_GroupTrainer):
                  lora: ComposedLoRA, *, latent_lr: float) -> None:
         super().__init__(base, cfg, data, module_paths)
         self.lora = lora  # type: ignore[assignment]
-        groups = [{"params": [lora.z], "lr": latent_lr, "base_lr": latent_lr}] if lora.z.requires_grad else []
+        groups = [{"params": lora.latents(), "lr": latent_lr, "base_lr": latent_lr}] if lora.latents() else []
         if lora.free_A:  # base_lr: what a cosine schedule (cfg.lr_schedule) decays from
             groups.append({"params": [*lora.free_A.values(), *lora.free_B.values()], "lr": cfg.lr, "base_lr": cfg.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -118,7 +135,7 @@ def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tupl
 def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
            internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
            snapshot_steps: list[int]) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
-    """Train one group of chunks with ``variant`` (``free``, ``head`` or ``warm``).
+    """Train one group of chunks with ``variant`` (``free``, ``head``, ``head_ab`` or ``warm``).
 
     Returns:
         adapters at each snapshot step, and each chunk's (first, last) training KL.
@@ -134,7 +151,7 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
             raise ValueError(msg)
         seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
         lora = ComposedLoRA(base, module_paths, cfg, seeds, internalizer, encoder_latents(internalizer, base, texts),
-                            train_latents=variant == "head", free=variant == "warm")
+                            train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab")
         trainer = ComposedTrainer(base, cfg, data, module_paths, lora, latent_lr=latent_lr)
 
     def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:
