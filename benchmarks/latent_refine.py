@@ -14,6 +14,8 @@ only chooses a point in it. Two distillation variants, on the same teacher data 
           encoder's ``z``). The head ties them: a layer's delta is ``W_B^T (sum_i c_i z_i z_i^T) W_A``, a
           *symmetric* rank-``r`` core with per-rank weights ``c_i`` that no document changes. If
           ``head_ab`` fits where ``head`` cannot, untying A and B is the architectural change to make.
+``head_gain`` as ``head``, each unit latent times a trained gain (1 at step 0): the head's L2 normalisation
+          fixes every rank's size, so a document cannot make its adapter smaller; this frees that.
 ``warm``  the hypernetwork's adapter, fixed, plus a free rank-``r`` LoRA trained on top (its B starts
           at 0, so step 0 is exactly the hypernetwork's adapter): distillation warm-started by the
           hypernetwork, against ``free`` (plain distillation from zero).
@@ -31,7 +33,7 @@ from d2l_integrations.engine.distill import DistillConfig, _ChunkData, _GroupTra
 from d2l_integrations.engine.hypernetwork import HypernetworkInternalizer, encode_context
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 
-VARIANTS = ("free", "head", "head_ab", "warm")
+VARIANTS = ("free", "head", "head_ab", "head_gain", "warm")
 
 
 @torch.no_grad()
@@ -58,13 +60,14 @@ class ComposedLoRA(_RowLoRA):
 
     def __init__(self, base: BaseModel, module_paths: list[str], cfg: DistillConfig, seeds: list[int],
                  internalizer: HypernetworkInternalizer, z0: torch.Tensor, *, train_latents: bool, free: bool,
-                 untie: bool = False) -> None:
+                 untie: bool = False, gain: bool = False) -> None:
         super().__init__(base, module_paths, len(seeds), cfg, seeds)
         self.free_A, self.free_B = (self.lora_A, self.lora_B) if free else ({}, {})
         self.free_scaling = cfg.scaling
         self.net = internalizer.hypernetwork.to(base.device).float().requires_grad_(False)
         self.z = nn.Parameter(z0.detach().clone().to(base.device), requires_grad=train_latents)
         self.z_b = nn.Parameter(z0.detach().clone().to(base.device), requires_grad=train_latents) if untie else None
+        self.gain = nn.Parameter(torch.ones(*z0.shape[:-1], 1, device=base.device), requires_grad=train_latents) if gain else None
         self.path = base.module_path
         self.scaling = 1.0
         self.refresh()
@@ -74,13 +77,14 @@ class ComposedLoRA(_RowLoRA):
 
     def latents(self) -> list[nn.Parameter]:
         """The trained latents (none unless ``train_latents``)."""
-        return [z for z in (self.z, self.z_b) if z is not None and z.requires_grad]
+        return [z for z in (self.z, self.z_b, self.gain) if z is not None and z.requires_grad]
 
     def refresh(self) -> None:
         """Recompute the composed factors from the current parameters (call before every forward)."""
         net = self.net
         def unit(z: torch.Tensor) -> torch.Tensor:
-            return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+            z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+            return z if self.gain is None else z * self.gain
 
         z = unit(self.z)
         factors = net.split(net.head(z))  # module -> (A [C, L, r, d_in], B [C, L, r, d_out])
@@ -135,7 +139,7 @@ def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tupl
 def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
            internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
            snapshot_steps: list[int]) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
-    """Train one group of chunks with ``variant`` (``free``, ``head``, ``head_ab`` or ``warm``).
+    """Train one group of chunks with ``variant`` (one of ``VARIANTS``).
 
     Returns:
         adapters at each snapshot step, and each chunk's (first, last) training KL.
@@ -151,7 +155,8 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
             raise ValueError(msg)
         seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
         lora = ComposedLoRA(base, module_paths, cfg, seeds, internalizer, encoder_latents(internalizer, base, texts),
-                            train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab")
+                            train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
+                            gain=variant == "head_gain")
         trainer = ComposedTrainer(base, cfg, data, module_paths, lora, latent_lr=latent_lr)
 
     def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:

@@ -39,11 +39,12 @@ def _logits(base, adapters):  # noqa: ANN001, ANN202
         return base.model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("variant", ["head", "head_ab", "warm"])
+@pytest.mark.parametrize("variant", ["head", "head_ab", "head_gain", "warm"])
 def test_step_zero_is_the_hypernetworks_own_adapter(setup, variant) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
     lora = ComposedLoRA(base, distill._module_paths(base), distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS),
-                        train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab")
+                        train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
+                        gain=variant == "head_gain")
     trainer = ComposedTrainer(base, distill.config, data, distill._module_paths(base), lora, latent_lr=1e-2)
     composed = [composed_adapter(base, data[c], trainer.final_factors(c), variant) for c in range(2)]
     own = hyper.internalize_chunks(base, DOCS)
@@ -128,3 +129,14 @@ def test_head_ab_unties_the_b_latents(setup) -> None:  # noqa: ANN001
     assert not torch.allclose(lora.z, lora.z_b)  # A and B latents moved apart
     snaps, _ = refine(base, distill.config, data, paths, "head_ab", internalizer=hyper, texts=DOCS, latent_lr=5e-2, snapshot_steps=[4])
     assert next(iter(snaps[4][0].weights.values())).lora_A.shape[0] == 2 * hyper.config.rank
+
+
+def test_head_gain_trains_a_gain_per_rank(setup) -> None:  # noqa: ANN001
+    base, hyper, distill, data = setup
+    paths = distill._module_paths(base)
+    lora = ComposedLoRA(base, paths, distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=False,
+                        gain=True)
+    trainer = ComposedTrainer(base, distill.config, data, paths, lora, latent_lr=5e-2)
+    trainer.run([], lambda *a: None)
+    assert lora.gain.shape == (2, hyper.config.num_layers, 1, hyper.config.rank, 1)
+    assert not torch.allclose(lora.gain, torch.ones_like(lora.gain))
