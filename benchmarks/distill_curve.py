@@ -75,7 +75,7 @@ answer_tokens = 24
 seed = 0
 out_dir = "benchmarks/results/distill_curve"
 run_name = ""  # default: <split>-<device>-<timestamp>
-variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), head (the hypernetwork's latents), head_ab, head_gain, warm;
+variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), free_proj, head (the hypernetwork's latents), head_ab, head_gain, warm;
 #   "head:0.03" sets the latent lr of one variant; "none": only the hypernetwork's conditions
 checkpoint = "default"  # hypernetwork for the head/warm variants and the "hypernetwork" condition ("default": the shipped one)
 latent_lr = 1e-2  # AdamW lr of the latents (variant head); choose it on split=dev

@@ -16,6 +16,10 @@ only chooses a point in it. Two distillation variants, on the same teacher data 
           ``head_ab`` fits where ``head`` cannot, untying A and B is the architectural change to make.
 ``head_gain`` as ``head``, each unit latent times a trained gain (1 at step 0): the head's L2 normalisation
           fixes every rank's size, so a document cannot make its adapter smaller; this frees that.
+``free_proj`` ``free``, then every A row projected onto the row space of the head's A block and every B
+          row onto its B block's (per layer: ``latent_size``-dimensional subspaces of the module's input
+          and output spaces). If it keeps ``free``'s accuracy, the head's subspaces are wide enough and
+          its tied, fixed-size decoding is what loses the document; if not, the head is too narrow.
 ``warm``  the hypernetwork's adapter, fixed, plus a free rank-``r`` LoRA trained on top (its B starts
           at 0, so step 0 is exactly the hypernetwork's adapter): distillation warm-started by the
           hypernetwork, against ``free`` (plain distillation from zero).
@@ -33,7 +37,7 @@ from d2l_integrations.engine.distill import DistillConfig, _ChunkData, _GroupTra
 from d2l_integrations.engine.hypernetwork import HypernetworkInternalizer, encode_context
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 
-VARIANTS = ("free", "head", "head_ab", "head_gain", "warm")
+VARIANTS = ("free", "free_proj", "head", "head_ab", "head_gain", "warm")
 
 
 @torch.no_grad()
@@ -136,6 +140,23 @@ def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tupl
     return LoRAAdapter(weights, provenance)
 
 
+def head_projectors(internalizer: HypernetworkInternalizer, base: BaseModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module path: orthogonal projectors ``(P_in [d_in, d_in], P_out [d_out, d_out])`` onto the row spaces
+    of the head's A and B blocks of that layer (every A row / B row the head can write lies in them)."""
+    net = internalizer.hypernetwork
+    out = {}
+    with torch.no_grad():
+        for index, (module, (d_in, d_out)) in enumerate(net.module_dims.items()):
+            for layer in range(net.config.num_layers):
+                w = net.head.weight[layer, index].float().to(base.device)  # (D, d_lora)
+                projectors = []
+                for block in (w[:, :d_in], w[:, d_in : d_in + d_out]):
+                    q, _ = torch.linalg.qr(block.T)  # (d, D): orthonormal basis of the block's row space
+                    projectors.append(q @ q.T)
+                out[base.module_path(layer, module)] = (projectors[0], projectors[1])
+    return out
+
+
 def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
            internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
            snapshot_steps: list[int]) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
@@ -147,12 +168,13 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
     if variant not in VARIANTS:
         msg = f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}."
         raise ValueError(msg)
-    if variant == "free":
+    if variant != "free" and internalizer is None:
+        msg = f"Variant {variant!r} needs a hypernetwork (checkpoint=...)."
+        raise ValueError(msg)
+    project = head_projectors(internalizer, base) if variant == "free_proj" else None
+    if variant in ("free", "free_proj"):
         trainer = _GroupTrainer(base, cfg, data, module_paths)
     else:
-        if internalizer is None:
-            msg = f"Variant {variant!r} needs a hypernetwork (checkpoint=...)."
-            raise ValueError(msg)
         seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
         lora = ComposedLoRA(base, module_paths, cfg, seeds, internalizer, encoder_latents(internalizer, base, texts),
                             train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
@@ -161,9 +183,11 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
 
     def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:
         del stats
-        if variant == "free":
+        if variant in ("free", "free_proj"):
+            if project is not None:
+                factors = {n: (a @ project[n][0], (bb.T @ project[n][1]).T) for n, (a, bb) in factors.items()}
             return LoRAAdapter({n: LoRAWeights(a, bb, cfg.scaling) for n, (a, bb) in factors.items()},
-                               AdapterProvenance(base_model=b.name, base_model_revision=b.revision, checkpoint_id="latent-refine-free",
+                               AdapterProvenance(base_model=b.name, base_model_revision=b.revision, checkpoint_id=f"latent-refine-{variant}",
                                                  method="distill", source_sha256=(chunk.sha256,), chunk_ids=(), extra={}))
         return composed_adapter(b, chunk, factors, variant)
 

@@ -140,3 +140,24 @@ def test_head_gain_trains_a_gain_per_rank(setup) -> None:  # noqa: ANN001
     trainer.run([], lambda *a: None)
     assert lora.gain.shape == (2, hyper.config.num_layers, 1, hyper.config.rank, 1)
     assert not torch.allclose(lora.gain, torch.ones_like(lora.gain))
+
+
+def test_free_proj_is_free_projected_onto_the_heads_row_spaces(setup) -> None:  # noqa: ANN001
+    from benchmarks.latent_refine import head_projectors
+
+    base, hyper, distill, data = setup
+    paths = distill._module_paths(base)
+    free, _ = refine(base, distill.config, data, paths, "free", internalizer=None, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    proj, _ = refine(base, distill.config, data, paths, "free_proj", internalizer=hyper, texts=DOCS, latent_lr=0.0, snapshot_steps=[4])
+    P = head_projectors(hyper, base)
+    d_in = hyper.hypernetwork.module_dims["down_proj"][0]
+    for name in paths:
+        a, b = free[4][0].weights[name].lora_A, free[4][0].weights[name].lora_B
+        pa, pb = proj[4][0].weights[name].lora_A, proj[4][0].weights[name].lora_B
+        torch.testing.assert_close(pa, a @ P[name][0])
+        torch.testing.assert_close(pb, (b.T @ P[name][1]).T)
+        torch.testing.assert_close(pa @ P[name][0], pa, atol=1e-5, rtol=1e-4)  # a projector: idempotent
+        torch.testing.assert_close(pb.T @ P[name][1], pb.T, atol=1e-5, rtol=1e-4)
+        assert (pa - a).norm() > 1e-4  # the head's A rows span less than the whole input space here
+    w = hyper.hypernetwork.head.weight[0, 0, :, :d_in]  # a row the head can write stays put
+    torch.testing.assert_close(w @ P[paths[0]][0], w, atol=1e-5, rtol=1e-4)
