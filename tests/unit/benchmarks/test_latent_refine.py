@@ -33,6 +33,15 @@ def setup():  # noqa: ANN201
     return base, hyper, distill, data
 
 
+def _composed(setup, *, cfg=None, latent_lr=5e-2, **kwargs):  # noqa: ANN001, ANN202
+    """A ComposedLoRA over both documents (``kwargs``: its flags) and its trainer."""
+    base, hyper, distill, data = setup
+    cfg = cfg or distill.config
+    paths = distill._module_paths(base)
+    lora = ComposedLoRA(base, paths, cfg, [0, 1], hyper, encoder_latents(hyper, base, DOCS), **kwargs)
+    return lora, ComposedTrainer(base, cfg, data, paths, lora, latent_lr=latent_lr)
+
+
 def _logits(base, adapters):  # noqa: ANN001, ANN202
     ids = torch.tensor([base.chat_ids([{"role": "user", "content": "Where was Mira born?"}])] * len(adapters))
     with use_adapters(base.model, adapters):
@@ -42,10 +51,8 @@ def _logits(base, adapters):  # noqa: ANN001, ANN202
 @pytest.mark.parametrize("variant", ["head", "head_ab", "head_gain", "warm"])
 def test_step_zero_is_the_hypernetworks_own_adapter(setup, variant) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
-    lora = ComposedLoRA(base, distill._module_paths(base), distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS),
-                        train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
-                        gain=variant == "head_gain")
-    trainer = ComposedTrainer(base, distill.config, data, distill._module_paths(base), lora, latent_lr=1e-2)
+    _, trainer = _composed(setup, train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
+                           gain=variant == "head_gain")
     composed = [composed_adapter(base, data[c], trainer.final_factors(c), variant) for c in range(2)]
     own = hyper.internalize_chunks(base, DOCS)
     torch.testing.assert_close(_logits(base, composed), _logits(base, own), atol=1e-5, rtol=1e-4)
@@ -65,9 +72,7 @@ def test_head_trains_only_the_latents_and_lowers_the_loss(setup) -> None:  # noq
     w = next(iter(snaps[4][0].weights.values()))
     assert w.lora_A.shape[0] == 2 * hyper.config.rank
     # and the distillation loss on every training question goes down
-    paths = distill._module_paths(base)
-    lora = ComposedLoRA(base, paths, distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=False)
-    trainer = ComposedTrainer(base, distill.config, data, paths, lora, latent_lr=5e-2)
+    lora, trainer = _composed(setup, train_latents=True, free=False)
     batch = [(c, ex) for c in range(2) for ex in data[c].train]
     with lora.attached(base.model), torch.no_grad():
         before = trainer._loss(batch)
@@ -109,9 +114,7 @@ def test_cosine_schedule_decays_each_group_from_its_own_lr(setup) -> None:  # no
 
     base, hyper, distill, data = setup
     cfg = dataclasses.replace(distill.config, lr_schedule="cosine", max_steps=4)
-    paths = distill._module_paths(base)
-    lora = ComposedLoRA(base, paths, cfg, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=True)
-    trainer = ComposedTrainer(base, cfg, data, paths, lora, latent_lr=0.5)
+    _, trainer = _composed(setup, cfg=cfg, latent_lr=0.5, train_latents=True, free=True)
     trainer.run([], lambda *a: None)
     last = 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the schedule's factor at the last step
     latent_group, free_group = trainer.optimizer.param_groups
@@ -120,23 +123,17 @@ def test_cosine_schedule_decays_each_group_from_its_own_lr(setup) -> None:  # no
 
 def test_head_ab_unties_the_b_latents(setup) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
-    paths = distill._module_paths(base)
-    lora = ComposedLoRA(base, paths, distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=False,
-                        untie=True)
-    trainer = ComposedTrainer(base, distill.config, data, paths, lora, latent_lr=5e-2)
+    lora, trainer = _composed(setup, train_latents=True, free=False, untie=True)
     assert len(trainer.optimizer.param_groups[0]["params"]) == 2
     trainer.run([], lambda *a: None)
     assert not torch.allclose(lora.z, lora.z_b)  # A and B latents moved apart
-    snaps, _ = refine(base, distill.config, data, paths, "head_ab", internalizer=hyper, texts=DOCS, latent_lr=5e-2, snapshot_steps=[4])
+    snaps, _ = refine(base, distill.config, data, distill._module_paths(base), "head_ab", internalizer=hyper, texts=DOCS, latent_lr=5e-2, snapshot_steps=[4])
     assert next(iter(snaps[4][0].weights.values())).lora_A.shape[0] == 2 * hyper.config.rank
 
 
 def test_head_gain_trains_a_gain_per_rank(setup) -> None:  # noqa: ANN001
-    base, hyper, distill, data = setup
-    paths = distill._module_paths(base)
-    lora = ComposedLoRA(base, paths, distill.config, [0, 1], hyper, encoder_latents(hyper, base, DOCS), train_latents=True, free=False,
-                        gain=True)
-    trainer = ComposedTrainer(base, distill.config, data, paths, lora, latent_lr=5e-2)
+    hyper = setup[1]
+    lora, trainer = _composed(setup, train_latents=True, free=False, gain=True)
     trainer.run([], lambda *a: None)
     assert lora.gain.shape == (2, hyper.config.num_layers, 1, hyper.config.rank, 1)
     assert not torch.allclose(lora.gain, torch.ones_like(lora.gain))
