@@ -44,6 +44,10 @@ def outputs_text(nb: Any) -> str:
 
 @pytest.mark.slow
 def test_rag_vs_d2l_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2l_integrations.engine.training_data import data_dir
+
+    if not (data_dir() / "magic_number_niah").is_dir():
+        pytest.skip("the notebook's benchmark data is not available (set D2L_DATA_DIR or put ../shared/data beside the checkout)")
     monkeypatch.setenv("D2L_NOTEBOOK_SUITE", "tiny")
     monkeypatch.setenv("D2L_NOTEBOOK_OUT", str(tmp_path / "run"))
     nb = execute_notebook("rag_vs_d2l.ipynb", tmp_path, monkeypatch)
