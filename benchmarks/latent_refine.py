@@ -132,9 +132,9 @@ class ComposedTrainer(_GroupTrainer):
 
 
 def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     variant: str) -> LoRAAdapter:
-    """An adapter from ``ComposedLoRA`` factors (scaling folded in)."""
-    weights = {name: LoRAWeights(a, b, 1.0) for name, (a, b) in factors.items()}
+                     variant: str, scaling: float = 1.0) -> LoRAAdapter:
+    """An adapter from a variant's factors (``ComposedLoRA``'s have their scaling folded in: 1)."""
+    weights = {name: LoRAWeights(a, b, scaling) for name, (a, b) in factors.items()}
     provenance = AdapterProvenance(base_model=base.name, base_model_revision=base.revision, checkpoint_id=f"latent-refine-{variant}",
                                    method="distill", source_sha256=(chunk.sha256,), chunk_ids=(), extra={"variant": variant})
     return LoRAAdapter(weights, provenance)
@@ -183,13 +183,11 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
 
     def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:
         del stats
-        if variant in ("free", "free_proj"):
-            if project is not None:
-                factors = {n: (a @ project[n][0], (bb.T @ project[n][1]).T) for n, (a, bb) in factors.items()}
-            return LoRAAdapter({n: LoRAWeights(a, bb, cfg.scaling) for n, (a, bb) in factors.items()},
-                               AdapterProvenance(base_model=b.name, base_model_revision=b.revision, checkpoint_id=f"latent-refine-{variant}",
-                                                 method="distill", source_sha256=(chunk.sha256,), chunk_ids=(), extra={}))
-        return composed_adapter(b, chunk, factors, variant)
+        if variant not in ("free", "free_proj"):
+            return composed_adapter(b, chunk, factors, variant)
+        if project is not None:
+            factors = {n: (a @ project[n][0], (bb.T @ project[n][1]).T) for n, (a, bb) in factors.items()}
+        return composed_adapter(b, chunk, factors, variant, cfg.scaling)
 
     _, snaps = trainer.run(snapshot_steps, make)
     kl = list(zip(trainer.first_kl, trainer.last_kl, strict=True))
