@@ -120,7 +120,11 @@ def _describe_internalizer(engine: Any, method: str) -> str:
     internalizer = engine.internalizer(method)
     if internalizer.name == "hypernetwork":
         return f"hypernetwork (checkpoint {internalizer.checkpoint_id})"
-    return "distill (per-chunk context distillation; no trained hypernetwork checkpoint ships for this base model yet)"
+    if internalizer.name == "refine":
+        return f"refine (hypernetwork {internalizer.hypernetwork.checkpoint_id}, then distillation on top of its adapter)"
+    if getattr(engine, "hypernetwork", None) is None:
+        return "distill (per-chunk context distillation; no trained hypernetwork checkpoint is loaded for this base model)"
+    return "distill (per-chunk context distillation; the loaded hypernetwork is not preferred for this device)"
 
 
 def _contains(text: str, answers: Sequence[str]) -> bool:
@@ -134,7 +138,7 @@ def _contains(text: str, answers: Sequence[str]) -> bool:
 def demo(
     store: Annotated[Path | None, typer.Option(help="Knowledge-base folder (default: a cache folder reused across runs).")] = None,
     fresh: Annotated[bool, typer.Option(help="Rebuild the demo store from scratch.")] = False,
-    method: Annotated[str, typer.Option(help="Internalizer: auto, hypernetwork or distill.")] = "auto",
+    method: Annotated[str, typer.Option(help="Internalizer: auto, hypernetwork, distill or refine (hypernetwork + distillation on top).")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit.")] = 40,
     routes: Annotated[str, typer.Option(help="Comma-separated routes to compare.")] = "d2l,rag,auto",
 ) -> None:
@@ -219,7 +223,7 @@ def demo(
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files to add (.txt .md .html .pdf .docx).")],
     store: Annotated[Path, typer.Option(help="Knowledge-base folder.")],
-    method: Annotated[str, typer.Option(help="Internalizer: auto, hypernetwork or distill.")] = "auto",
+    method: Annotated[str, typer.Option(help="Internalizer: auto, hypernetwork, distill or refine (hypernetwork + distillation on top).")] = "auto",
     lazy: Annotated[bool, typer.Option(help="Internalize chunks on first use instead of now.")] = False,
     chroma_url: Annotated[str | None, typer.Option(help="http://host:port of a Chroma server (default: embedded).")] = None,
     base_model: Annotated[str, typer.Option(help="'default', a Hugging Face id, a folder or a .gguf.")] = "default",

@@ -118,7 +118,9 @@ def _linear_names_of_first_layer(model: nn.Module) -> list[str]:
     return first or names[:10]
 
 
-def _batch_factors(adapters: Sequence[LoRAAdapter | None], device: torch.device) -> dict[str, _BatchFactors]:
+def batch_factors(adapters: Sequence[LoRAAdapter | None], device: torch.device) -> dict[str, _BatchFactors]:
+    """Per module: every row's effective factors (bias included, scaling folded into B), zero-padded to one rank
+    and stacked: ``lora_A [rows, r, d_in]``, ``lora_B [rows, d_out, r]`` in fp32 (None rows stay zero)."""
     modules = sorted({m for a in adapters if a is not None for m in a.module_names})
     factors: dict[str, _BatchFactors] = {}
     for name in modules:
@@ -167,7 +169,7 @@ def use_adapters(
     names = sorted({m for a in rows if a is not None for m in a.module_names})
     ensure_hooks(model, names)
     device = next(model.parameters()).device
-    active = _ActiveAdapters(model_id=id(model), batch_size=len(rows), factors=_batch_factors(rows, device))
+    active = _ActiveAdapters(model_id=id(model), batch_size=len(rows), factors=batch_factors(rows, device))
     token = _ACTIVE.set(active)
     try:
         yield

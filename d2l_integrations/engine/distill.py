@@ -56,12 +56,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2l_integrations.engine.apply import batch_factors
 from d2l_integrations.engine.base_model import BaseModel, cache_kwarg
 from d2l_integrations.engine.config import _from_dict
 from d2l_integrations.engine.internalizer import ProgressCallback, check_chunks
-from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
+from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights, concat_ranks
 from d2l_integrations.engine.questions import QUESTION_STYLES, TrainingQuestion, build_questions, split_sentences
-from d2l_integrations.errors import ConfigError, InternalizationError, InvalidDocumentError
+from d2l_integrations.errors import ConfigError, IncompatibleAdapterError, InternalizationError, InvalidDocumentError
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +381,7 @@ class DistillInternalizer:
         progress: ProgressCallback | None = None,
         on_result: Callable[[int, DistillResult], None] | None = None,
         snapshot_steps: Sequence[int] = (),
+        start: Sequence[LoRAAdapter] | None = None,
     ) -> list[DistillResult]:
         """Distill each chunk into its own LoRA; ``chunks_per_batch`` chunks train together.
 
@@ -391,16 +393,24 @@ class DistillInternalizer:
             progress: ``progress(done, total)`` after each finished chunk.
             on_result: ``on_result(index, result)`` after each finished chunk (e.g. to store it).
             snapshot_steps: also return the adapter state at these step counts (for budget curves).
+            start: warm start, one adapter per chunk (e.g. the hypernetwork's): it stays fixed, the LoRA
+                is trained *on top of it*, and each returned adapter is the sum (start's factors and
+                bias, then the trained rank). Used by ``RefineInternalizer``.
 
         Raises:
             InvalidDocumentError: a chunk is empty or not a string.
             ConfigError: ``chunk_ids`` does not match ``chunks``.
+            IncompatibleAdapterError: ``start`` has not one adapter per chunk, or one was made for
+                another base model or has modules the base model lacks.
             NonFiniteLossError: the loss became NaN/inf (``error.adapters``: finished chunks).
             DistillationInterrupted: on KeyboardInterrupt (``error.adapters``: finished chunks).
         """
         check_chunks(chunks, chunk_ids)
         chunks = list(chunks)
         module_paths = self._module_paths(base)
+        starts = list(start) if start is not None else None
+        if starts is not None:
+            _check_start(base, starts, len(chunks))
         results: list[DistillResult] = []
         step = self.config.chunks_per_batch
         try:
@@ -413,6 +423,7 @@ class DistillInternalizer:
                         [chunk_ids[i] if chunk_ids is not None else None for i in group],
                         module_paths,
                         sorted(set(snapshot_steps)),
+                        [starts[i] for i in group] if starts is not None else None,
                     )
                 except NonFiniteLossError as exc:
                     exc.adapters = [r.adapter for r in results]
@@ -445,17 +456,24 @@ class DistillInternalizer:
         ids: list[str | None],
         module_paths: list[str],
         snapshot_steps: list[int],
+        start: list[LoRAAdapter] | None = None,
     ) -> list[DistillResult]:
         cfg = self.config
         data = [self._prepare_chunk(base, text, chunk_id) for text, chunk_id in zip(texts, ids, strict=True)]
-        trainer = _GroupTrainer(base, cfg, data, module_paths)
+        trainer = _GroupTrainer(base, cfg, data, module_paths, start)
+        start_of = {id(d): a for d, a in zip(data, start, strict=True)} if start is not None else {}
+
+        def make(b: BaseModel, chunk: _ChunkData, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 stats: Mapping[str, str]) -> LoRAAdapter:
+            return self._adapter(b, chunk, factors, stats, start_of.get(id(chunk)))
+
         t0 = time.perf_counter()
-        steps_done, snapshots = trainer.run(snapshot_steps, self._adapter)
+        steps_done, snapshots = trainer.run(snapshot_steps, make)
         train_seconds = time.perf_counter() - t0
         results = []
         n = len(data)
         for c, chunk in enumerate(data):
-            adapter = self._adapter(base, chunk, trainer.final_factors(c), trainer.stats(c))
+            adapter = make(base, chunk, trainer.final_factors(c), trainer.stats(c))
             results.append(
                 DistillResult(
                     adapter=adapter,
@@ -479,7 +497,7 @@ class DistillInternalizer:
 
     def _adapter(
         self, base: BaseModel, chunk: _ChunkData, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        stats: Mapping[str, str],
+        stats: Mapping[str, str], start: LoRAAdapter | None = None,
     ) -> LoRAAdapter:
         for name, (lora_A, lora_B) in factors.items():
             if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
@@ -496,6 +514,8 @@ class DistillInternalizer:
             chunk_ids=(chunk.chunk_id,) if chunk.chunk_id is not None else (),
             extra=extra,
         )
+        if start is not None:
+            return _on_top_of(start, weights, provenance)
         return LoRAAdapter(weights, provenance)
 
     # ------------------------------------------------------------------ teacher side
@@ -607,6 +627,53 @@ class DistillInternalizer:
             base.count_tokens(text), budget, len(pieces),
         )
         return pieces
+
+
+def _check_start(base: BaseModel, start: list[LoRAAdapter], num_chunks: int) -> None:
+    """``start`` must be one adapter per chunk, for this base model, on modules it has with the right shapes."""
+    if len(start) != num_chunks:
+        msg = f"Got {len(start)} start adapters for {num_chunks} chunks; pass one per chunk."
+        raise IncompatibleAdapterError(msg)
+    for index, adapter in enumerate(start):
+        if not isinstance(adapter, LoRAAdapter):
+            msg = f"start[{index}] is a {type(adapter).__name__}, not a LoRAAdapter."
+            raise IncompatibleAdapterError(msg)
+        made_for = adapter.provenance.base_model
+        if made_for != base.name:
+            msg = (
+                f"start[{index}] was made for base model {made_for!r}, not {base.name!r}. "
+                "Warm-start from adapters of this base model (e.g. its hypernetwork's)."
+            )
+            raise IncompatibleAdapterError(msg)
+        for name in adapter.module_names:
+            try:
+                linear = base.model.get_submodule(name)
+            except AttributeError:
+                msg = f"start[{index}] has factors for {name!r}, which the base model does not have."
+                raise IncompatibleAdapterError(msg) from None
+            weights = adapter.effective(name)
+            assert weights is not None
+            expected = (int(linear.in_features), int(linear.out_features))
+            if (weights.in_features, weights.out_features) != expected:
+                msg = (f"start[{index}] has {name!r} of shape (d_in, d_out) = {(weights.in_features, weights.out_features)}, "
+                       f"the base model {expected}.")
+                raise IncompatibleAdapterError(msg)
+
+
+def _on_top_of(start: LoRAAdapter, trained: Mapping[str, LoRAWeights], provenance: AdapterProvenance) -> LoRAAdapter:
+    """``start`` plus the LoRA trained on top of it: one adapter whose delta is the sum, with ``start``'s bias.
+
+    Provenance: ``method="refine"``, ``start``'s ``checkpoint_id`` (its bias LoRA's identity, which
+    ``compose_adapters`` checks), and the distillation record in ``extra`` plus ``refined_from``.
+    """
+    sample = next(iter(trained.values())).lora_A
+    start = start.to(sample.device, torch.float32)  # exact: the trained part stays fp32 (concat_ranks casts to the first part)
+    modules = sorted(set(start.weights) | set(trained))
+    weights = {m: concat_ranks([w[m] for w in (start.weights, trained) if m in w]) for m in modules}
+    extra = {**provenance.extra, "refined_from": start.provenance.method,
+             "start_checkpoint_id": str(start.provenance.checkpoint_id)}
+    merged = dataclasses.replace(provenance, method="refine", checkpoint_id=start.provenance.checkpoint_id, extra=extra)
+    return LoRAAdapter(weights, merged, start.bias)
 
 
 def _token_windows(base: BaseModel, text: str, start: int, end: int, budget: int) -> list[tuple[int, int, str]]:
@@ -881,8 +948,10 @@ class _RowLoRA:
     """
 
     def __init__(self, base: BaseModel, module_paths: list[str], num_chunks: int, cfg: DistillConfig,
-                 seeds: list[int]) -> None:
+                 seeds: list[int], start: Sequence[LoRAAdapter] | None = None) -> None:
         self.scaling = cfg.scaling
+        # warm start: each chunk's fixed start adapter (bias included, scaling folded), added to every forward
+        self.start = batch_factors(list(start), base.device) if start else {}
         self.lora_A: dict[str, nn.Parameter] = {}
         self.lora_B: dict[str, nn.Parameter] = {}
         device = base.device
@@ -904,7 +973,8 @@ class _RowLoRA:
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator[None]:
         """Hook the factors into ``model``'s forward passes; always removed on exit."""
-        handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.lora_A]
+        names = [*self.lora_A, *(n for n in self.start if n not in self.lora_A)]
+        handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
         try:
             yield
         finally:
@@ -916,10 +986,17 @@ class _RowLoRA:
             if self.row_chunk is None:
                 return None
             x = args[0].float()  # (B, T, d_in); LoRA math in fp32
-            lora_A = self.lora_A[name][self.row_chunk]  # (B, r, d_in)
-            lora_B = self.lora_B[name][self.row_chunk]  # (B, d_out, r)
-            delta = torch.bmm(torch.bmm(x, lora_A.transpose(1, 2)), lora_B.transpose(1, 2)) * self.scaling
-            return output + delta.to(output.dtype)
+            delta = None
+            if name in self.lora_A:
+                lora_A = self.lora_A[name][self.row_chunk]  # (B, r, d_in)
+                lora_B = self.lora_B[name][self.row_chunk]  # (B, d_out, r)
+                delta = torch.bmm(torch.bmm(x, lora_A.transpose(1, 2)), lora_B.transpose(1, 2)) * self.scaling
+            if name in self.start:  # the fixed start adapter (scaling already folded into its B)
+                fixed = self.start[name]
+                start_A, start_B = fixed.lora_A[self.row_chunk], fixed.lora_B[self.row_chunk]
+                part = torch.bmm(torch.bmm(x, start_A.transpose(1, 2)), start_B.transpose(1, 2))
+                delta = part if delta is None else delta + part
+            return output if delta is None else output + delta.to(output.dtype)
 
         return hook
 
@@ -931,13 +1008,14 @@ def _stable_hash(text: str) -> int:
 class _GroupTrainer:
     """The optimisation loop for one group of chunks (one LoRA each)."""
 
-    def __init__(self, base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str]) -> None:
+    def __init__(self, base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str],
+                 start: Sequence[LoRAAdapter] | None = None) -> None:
         self.base = base
         self.cfg = cfg
         self.data = data
         n = len(data)
         seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]
-        self.lora = _RowLoRA(base, module_paths, n, cfg, seeds)
+        self.lora = _RowLoRA(base, module_paths, n, cfg, seeds, start)
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rngs = [random.Random(s) for s in seeds]
         self.queues: list[list[int]] = [[] for _ in data]

@@ -37,7 +37,7 @@ from d2l_integrations.errors import (
 
 logger = logging.getLogger(__name__)
 
-METHODS: Final = ("auto", "hypernetwork", "distill")
+METHODS: Final = ("auto", "hypernetwork", "distill", "refine")
 DEFAULT_CHUNK_TOKENS: Final = 384
 """Chunk length for internalization: fits the hypernetwork's training documents (128-512 tokens)."""
 
@@ -104,6 +104,7 @@ class D2LEngine:
         self.hypernetwork = hypernetwork
         self._distill_config = distill_config
         self._distill: Any | None = None
+        self._refine: Any | None = None
         self._active: LoRAAdapter | None = None
         self._lock = threading.Lock()
 
@@ -148,30 +149,41 @@ class D2LEngine:
         return self._active
 
     def internalizer(self, method: str = "auto") -> Any:
-        """The internalizer for ``method``: ``auto``, ``hypernetwork`` or ``distill``.
+        """The internalizer for ``method``: ``auto``, ``hypernetwork``, ``distill`` or ``refine``.
 
         ``auto`` picks the hypernetwork only when a checkpoint is loaded and its recorded held-out
         quality beats the distill path on this device type (``prefer_over_distill`` in its metadata,
-        a bool or ``{"cpu": ..., "cuda": ...}``); otherwise distill.
+        a bool or ``{"cpu": ..., "cuda": ...}``); otherwise distill. ``refine`` (never picked by
+        ``auto``) is the hypernetwork's adapter with distillation trained on top of it
+        (``engine/refine.py``), with the same distillation settings as ``distill``.
         """
         if method not in METHODS:
             msg = f"Unknown internalization method {method!r}. Choose one of {list(METHODS)}."
             raise ConfigError(msg)
-        if method == "hypernetwork" or (method == "auto" and self._hypernetwork_preferred()):
+        if method in ("hypernetwork", "refine") or (method == "auto" and self._hypernetwork_preferred()):
             if self.hypernetwork is None:
                 msg = (
-                    f"No trained hypernetwork checkpoint is loaded for base model {self.base.name!r}. "
-                    "Use method='distill' (gradient internalization, works for every base model), "
-                    "load one with D2LEngine.from_pretrained(base_model, checkpoint=...), or train one with `d2l train`."
+                    f"No trained hypernetwork checkpoint is loaded for base model {self.base.name!r}, and "
+                    f"method={method!r} needs one. Use method='distill' (gradient internalization, works for every "
+                    "base model), load one with D2LEngine.from_pretrained(base_model, checkpoint=...), or train one "
+                    "with `d2l train`."
                 )
                 raise HypernetworkUnavailableError(msg)
-            return self.hypernetwork
+            if method != "refine":
+                return self.hypernetwork
         with self._lock:
             if self._distill is None:
                 from d2l_integrations.engine.distill import DistillConfig, DistillInternalizer
 
                 self._distill = DistillInternalizer(self._distill_config or DistillConfig.for_device(self.base.device))
-            return self._distill
+            if method != "refine":
+                return self._distill
+            if self._refine is None:
+                from d2l_integrations.engine.refine import RefineInternalizer
+
+                self._refine = RefineInternalizer(self.hypernetwork, self._distill.config,
+                                                  share_teacher_prefix=self._distill.share_teacher_prefix)
+            return self._refine
 
     def _hypernetwork_preferred(self) -> bool:
         if self.hypernetwork is None:

@@ -159,7 +159,7 @@ class ChatD2L(BaseChatModel):
     """Strings that end generation (not included in the answer)."""
     seed: int | None = None
     """Seed for sampling (None: nondeterministic when temperature > 0)."""
-    internalize_method: Literal["auto", "hypernetwork", "distill"] = "auto"
+    internalize_method: Literal["auto", "hypernetwork", "distill", "refine"] = "auto"
     """How ``internalize`` makes adapters: ``auto``, ``hypernetwork`` (trained checkpoint) or ``distill``."""
     device: str | None = None
     """Device of the shared engine (``cpu``, ``cuda``; None: CUDA when available)."""
@@ -260,7 +260,7 @@ class ChatD2L(BaseChatModel):
         Args:
             documents: a text, a ``Document``, or a list of them.
             ids: one id per document (default: ``Document.id`` or a hash of the text).
-            method: ``auto``, ``hypernetwork`` or ``distill`` (default: ``internalize_method``); ignored
+            method: ``auto``, ``hypernetwork``, ``distill`` or ``refine`` (default: ``internalize_method``); ignored
                 with a knowledge base.
         """
         items = [documents] if isinstance(documents, (str, Document)) else list(documents)

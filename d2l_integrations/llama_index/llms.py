@@ -77,7 +77,7 @@ class D2LLLM(CustomLLM):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (temperature > 0).")
     seed: int | None = Field(default=None, description="Seed for sampling.")
     device: str | None = Field(default=None, description="Device of the shared engine (None: CUDA when available).")
-    internalize_method: str = Field(default="auto", description="auto, hypernetwork or distill.")
+    internalize_method: str = Field(default="auto", description="auto, hypernetwork, distill or refine.")
 
     _engine: D2LEngine | None = PrivateAttr(default=None)
     _router_config: RouterConfig | None = PrivateAttr(default=None)
