@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="hypernetwork checkpoint folder (default: the one shipped for the default model)")
     parser.add_argument("--seed", type=int, default=FACTS_SEED, help="make_fact_documents seed of the made-up-fact documents")
     parser.add_argument("--questions", type=int, default=QUESTIONS, help="number of questions (the six sample questions first)")
-    parser.add_argument("--method", default="hypernetwork", choices=["hypernetwork", "auto", "distill"],
+    parser.add_argument("--method", default="hypernetwork", choices=["hypernetwork", "auto", "distill", "refine"],
                         help="internalizer of the knowledge base (distill takes minutes per chunk on CPU)")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--threads", type=int, default=THREADS)

@@ -212,7 +212,7 @@ def run_suite(
         "context_window": engine.base.context_window,
         "internalizer": bench.internalizer_name,
         "internalizer_checkpoint": bench.internalizer_checkpoint,
-        "distill_config": _distill_settings(engine) if bench.internalizer_name == "distill" else None,
+        "distill_config": _distill_settings(engine) if bench.internalizer_name in ("distill", "refine") else None,
         "hypernetwork_loaded": getattr(engine, "hypernetwork", None) is not None,
         "chunk_tokens": bench.chunk_tokens or _default_chunk_tokens(),
         "router": {"top_k": bench.router.top_k, "adapter_budget": bench.router.adapter_budget,
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model: 'default' (the embedded SmolLM2), a hub id, a local folder or a .gguf file; "
                         "a copy of the default GGUF runs as the default (same checkpoint and router calibration)")
     p.add_argument("--gguf", default=gguf, help="GGUF file name inside the --base folder (e.g. --base /root/stage --gguf smol.gguf)")
-    p.add_argument("--internalize-method", default=internalize_method, choices=("auto", "distill", "hypernetwork"))
+    p.add_argument("--internalize-method", default=internalize_method, choices=("auto", "distill", "hypernetwork", "refine"))
     p.add_argument("--prices", default=None, help="price table JSON (default benchmarks/prices.json)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy host 1 can be faster than 2)")

@@ -158,3 +158,33 @@ def test_free_proj_is_free_projected_onto_the_heads_row_spaces(setup) -> None:  
         assert (pa - a).norm() > 1e-4  # the head's A rows span less than the whole input space here
     w = hyper.hypernetwork.head.weight[0, 0, :, :d_in]  # a row the head can write stays put
     torch.testing.assert_close(w @ P[paths[0]][0], w, atol=1e-5, rtol=1e-4)
+
+
+
+def test_warm_is_the_engines_refine_internalizer(setup) -> None:  # noqa: ANN001
+    """The probe's ``warm`` (measured in sessions 10-11) and the product's ``method="refine"`` train one function:
+    with the same trainable factors, the same loss and the same gradients. (Whole runs are not compared: on this
+    tiny model the KL is ~5e-5, and Adam turns rounding-level gradient differences into different steps.)"""
+    base, hyper, distill, data = setup
+    paths = distill._module_paths(base)
+    probe, probe_trainer = _composed(setup, train_latents=False, free=True)
+    engine_trainer = _GroupTrainer(base, distill.config, data, paths, hyper.internalize_chunks(base, DOCS))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in paths:
+            b = torch.randn(engine_trainer.lora.lora_B[name].shape, generator=g)
+            engine_trainer.lora.lora_B[name].copy_(b)
+            probe.free_B[name].copy_(b)
+            probe.free_A[name].copy_(engine_trainer.lora.lora_A[name])
+    batch = [(c, ex) for c in range(2) for ex in data[c].train]
+    losses = []
+    for trainer, lora in ((probe_trainer, probe), (engine_trainer, engine_trainer.lora)):
+        with lora.attached(base.model):
+            loss = trainer._loss(batch)
+        loss.sum().backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-7, rtol=1e-4)
+    assert (losses[1] > 1e-3).all()  # the random factors move the model: the comparison is not of zeros
+    for name in paths:
+        torch.testing.assert_close(probe.free_B[name].grad, engine_trainer.lora.lora_B[name].grad, atol=1e-7, rtol=1e-3)
+        torch.testing.assert_close(probe.free_A[name].grad, engine_trainer.lora.lora_A[name].grad, atol=1e-7, rtol=1e-3)
