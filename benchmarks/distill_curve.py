@@ -75,10 +75,11 @@ answer_tokens = 24
 seed = 0
 out_dir = "benchmarks/results/distill_curve"
 run_name = ""  # default: <split>-<device>-<timestamp>
-variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), free_proj, head (the hypernetwork's latents), head_ab, head_gain, warm;
+variants = "free"  # distillation variants (benchmarks.latent_refine): free (plain), free_proj, head (the hypernetwork's latents), head_ab, head_gain, warm, free_b, rand_b;
 #   "head:0.03" sets the latent lr of one variant; "none": only the hypernetwork's conditions
 checkpoint = "default"  # hypernetwork for the head/warm variants and the "hypernetwork" condition ("default": the shipped one)
 latent_lr = 1e-2  # AdamW lr of the latents (variant head); choose it on split=dev
+rand_width = 0  # latent numbers per B column of variant rand_b (0: the hypernetwork's latent_size)
 hyper_splits = ""  # e.g. "2,4": also the hypernetwork with each document cut into k chunks, adapters summed ("hypernetwork/k")
 # -----------------------------------------------------------------------------
 _SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (str, int, float))]
@@ -227,7 +228,8 @@ def run_variants(base: BaseModel, distill: DistillInternalizer, docs: list[dict]
         snaps: dict[int, list[LoRAAdapter]] = {s: [] for s in steps}
         for g in range(0, len(docs), chunks_per_batch):
             out, kl = refine(base, distill.config, data[g:g + chunks_per_batch], module_paths, name, internalizer=hyper,
-                         texts=texts[g:g + chunks_per_batch], latent_lr=float(v_lr or latent_lr), snapshot_steps=steps)
+                         texts=texts[g:g + chunks_per_batch], latent_lr=float(v_lr or latent_lr), snapshot_steps=steps,
+                         rand_width=rand_width or hyper.config.latent_size)
             for s in steps:
                 snaps[s].extend(out[s])
             train_kl.setdefault(v, []).extend(kl)

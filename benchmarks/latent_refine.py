@@ -24,6 +24,16 @@ only chooses a point in it. Two distillation variants, on the same teacher data 
           at 0, so step 0 is exactly the hypernetwork's adapter): distillation warm-started by the
           hypernetwork, against ``free`` (plain distillation from zero).
 
+Two more, for the design of the next head (no hypernetwork needed):
+``free_b``  ``free`` with A frozen at its random init: only B is trained. If it fits as well as ``free``, a
+          head need not write A at all (a learned, document-independent A per layer would do).
+``rand_b``  ``free_b`` with each of B's ``r`` columns written from its own latent of ``width`` numbers through a
+          fixed *random* map (``B[:, j] = G_j^T c_j``; ``rand_b:0.01`` sets the latents' lr; width = the
+          hypernetwork's ``latent_size``, 128 by default, option ``rand_width``). Per document that is ``L x r x
+          width`` numbers, as many as ``head`` optimises, but no two columns share a subspace and A and B are
+          not tied. If it fits where ``head`` cannot, the structure of today's head is the limit, not the number of
+          numbers a document gets.
+
 Used by ``benchmarks.distill_curve`` (``variants=free,head,warm``).
 """
 
@@ -37,7 +47,8 @@ from d2l_integrations.engine.distill import DistillConfig, _ChunkData, _GroupTra
 from d2l_integrations.engine.hypernetwork import HypernetworkInternalizer, encode_context
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 
-VARIANTS = ("free", "free_proj", "head", "head_ab", "head_gain", "warm")
+VARIANTS = ("free", "free_proj", "head", "head_ab", "head_gain", "warm", "free_b", "rand_b")
+NEEDS_HYPERNETWORK = ("free_proj", "head", "head_ab", "head_gain", "warm")
 
 
 @torch.no_grad()
@@ -130,6 +141,50 @@ class ComposedTrainer(_GroupTrainer):
         self.lora.refresh()  # type: ignore[attr-defined]
         return super()._loss(batch)
 
+    def _factors_now(self, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():  # the factors after the last optimizer step, not those of the last forward
+            self.lora.refresh()  # type: ignore[attr-defined]
+        return super()._factors_now(c)
+
+
+class RandomHeadLoRA(_RowLoRA):
+    """``free_b`` / ``rand_b``: A frozen at ``_RowLoRA``'s random init; B trained freely (``width=None``) or, per chunk,
+    column ``j`` of B from its own latent ``c_j`` (``width`` numbers, starting at 0) through a fixed random map."""
+
+    def __init__(self, base: BaseModel, module_paths: list[str], cfg: DistillConfig, seeds: list[int], *,
+                 width: int | None, seed: int = 0) -> None:
+        super().__init__(base, module_paths, len(seeds), cfg, seeds)
+        for a in self.lora_A.values():
+            a.requires_grad_(False)
+        self.paths = list(module_paths)
+        self.maps: dict[str, torch.Tensor] = {}
+        self.c: nn.Parameter | None = None
+        if width:
+            g = torch.Generator().manual_seed(seed)
+            for name in self.paths:
+                d_out = self.lora_B[name].shape[1]
+                self.maps[name] = (torch.randn(cfg.rank, width, d_out, generator=g) / width**0.5).to(base.device)
+            self.c = nn.Parameter(torch.zeros(len(seeds), len(self.paths), cfg.rank, width, device=base.device))
+            self.refresh()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.c] if self.c is not None else list(self.lora_B.values())
+
+    def refresh(self) -> None:
+        """B from the latents (``rand_b``; call before every forward); nothing for ``free_b``."""
+        if self.c is not None:
+            self.lora_B = {name: torch.einsum("crs,rso->cor", self.c[:, j], self.maps[name]) for j, name in enumerate(self.paths)}
+
+
+class RandomHeadTrainer(ComposedTrainer):
+    """``_GroupTrainer`` over a ``RandomHeadLoRA``: its trainable part (B, or the latents) at ``lr``."""
+
+    def __init__(self, base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str],
+                 lora: RandomHeadLoRA, *, lr: float) -> None:
+        _GroupTrainer.__init__(self, base, cfg, data, module_paths)
+        self.lora = lora  # type: ignore[assignment]
+        self.optimizer = torch.optim.AdamW([{"params": lora.parameters(), "lr": lr, "base_lr": lr}], weight_decay=0.0)
+
 
 def composed_adapter(base: BaseModel, chunk: _ChunkData, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                      variant: str, scaling: float = 1.0) -> LoRAAdapter:
@@ -159,7 +214,7 @@ def head_projectors(internalizer: HypernetworkInternalizer, base: BaseModel) -> 
 
 def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_paths: list[str], variant: str, *,
            internalizer: HypernetworkInternalizer | None, texts: list[str], latent_lr: float,
-           snapshot_steps: list[int]) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
+           snapshot_steps: list[int], rand_width: int = 128) -> tuple[dict[int, list[LoRAAdapter]], list[tuple[float, float]]]:
     """Train one group of chunks with ``variant`` (one of ``VARIANTS``).
 
     Returns:
@@ -168,14 +223,18 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
     if variant not in VARIANTS:
         msg = f"Unknown variant {variant!r}; use one of {', '.join(VARIANTS)}."
         raise ValueError(msg)
-    if variant != "free" and internalizer is None:
+    if variant in NEEDS_HYPERNETWORK and internalizer is None:
         msg = f"Variant {variant!r} needs a hypernetwork (checkpoint=...)."
         raise ValueError(msg)
     project = head_projectors(internalizer, base) if variant == "free_proj" else None
+    seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
     if variant in ("free", "free_proj"):
         trainer = _GroupTrainer(base, cfg, data, module_paths)
+    elif variant in ("free_b", "rand_b"):
+        width = rand_width if variant == "rand_b" else None
+        lora_b = RandomHeadLoRA(base, module_paths, cfg, seeds, width=width, seed=cfg.seed)
+        trainer = RandomHeadTrainer(base, cfg, data, module_paths, lora_b, lr=latent_lr if width else cfg.lr)
     else:
-        seeds = [cfg.seed + _stable_hash(d.sha256) for d in data]  # as _GroupTrainer
         lora = ComposedLoRA(base, module_paths, cfg, seeds, internalizer, encoder_latents(internalizer, base, texts),
                             train_latents=variant.startswith("head"), free=variant == "warm", untie=variant == "head_ab",
                             gain=variant == "head_gain")
@@ -183,7 +242,7 @@ def refine(base: BaseModel, cfg: DistillConfig, data: list[_ChunkData], module_p
 
     def make(b: BaseModel, chunk: _ChunkData, factors: dict, stats: dict) -> LoRAAdapter:
         del stats
-        if variant not in ("free", "free_proj"):
+        if variant not in ("free", "free_proj", "free_b", "rand_b"):
             return composed_adapter(b, chunk, factors, variant)
         if project is not None:
             factors = {n: (a @ project[n][0], (bb.T @ project[n][1]).T) for n, (a, bb) in factors.items()}

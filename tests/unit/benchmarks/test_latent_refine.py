@@ -12,6 +12,8 @@ from d2l_integrations.engine.distill import DistillInternalizer, _GroupTrainer
 from d2l_integrations.engine.hypernetwork import Hypernetwork, HypernetworkInternalizer
 from tests.unit.engine.test_distill import _config, _tiny_base
 
+LR_B = 1e-3  # B-only variants start at the base model, whose KL to the teacher is ~4e-5 here: small steps
+
 DOCS = ["Mira Kellan was born in Ostravel in 1984. The special magic number is 4821.",
         "The lighthouse at Brenn Point has 212 steps. Its keeper was Tomas Arvid."]
 
@@ -188,3 +190,37 @@ def test_warm_is_the_engines_refine_internalizer(setup) -> None:  # noqa: ANN001
     for name in paths:
         torch.testing.assert_close(probe.free_B[name].grad, engine_trainer.lora.lora_B[name].grad, atol=1e-7, rtol=1e-3)
         torch.testing.assert_close(probe.free_A[name].grad, engine_trainer.lora.lora_A[name].grad, atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["free_b", "rand_b"])
+def test_b_only_variants_keep_a_at_its_init_and_lower_the_loss(setup, variant) -> None:  # noqa: ANN001
+    from benchmarks.latent_refine import RandomHeadLoRA, RandomHeadTrainer
+
+    base, hyper, distill, data = setup
+    paths = distill._module_paths(base)
+    cfg = distill.config
+    seeds = [cfg.seed + i for i in range(2)]
+    width = 4 if variant == "rand_b" else None
+    lora = RandomHeadLoRA(base, paths, cfg, seeds, width=width)
+    a_before = {n: a.detach().clone() for n, a in lora.lora_A.items()}
+    trainer = RandomHeadTrainer(base, cfg, data, paths, lora, lr=LR_B)
+    assert all(torch.count_nonzero(trainer._factors_now(c)[n][1]) == 0 for c in range(2) for n in paths)  # starts at the base
+    batch = [(c, ex) for c in range(2) for ex in data[c].train]
+    with lora.attached(base.model), torch.no_grad():
+        before = trainer._loss(batch)
+    trainer.run([], lambda *a: None)
+    with lora.attached(base.model), torch.no_grad():
+        after = trainer._loss(batch)
+    assert (after < before).all(), (before, after)
+    for n in paths:
+        assert torch.equal(lora.lora_A[n], a_before[n])  # A is frozen
+        b = trainer._factors_now(0)[n][1]  # (d_out, r)
+        assert torch.count_nonzero(b) > 0
+        if width:  # every column lies in its own width-dimensional random subspace
+            for j in range(cfg.rank):
+                basis = lora.maps[n][j].T  # (d_out, width)
+                coef = torch.linalg.lstsq(basis, b[:, j:j + 1]).solution
+                torch.testing.assert_close(basis @ coef, b[:, j:j + 1], atol=1e-5, rtol=1e-4)
+    snaps, kl = refine(base, cfg, data, paths, variant, internalizer=None, texts=DOCS, latent_lr=LR_B, snapshot_steps=[4], rand_width=4)
+    assert len(snaps[4]) == 2 and len(kl) == 2  # runs without a hypernetwork
+    assert all(torch.count_nonzero(a.weights[paths[0]].lora_B) > 0 for a in snaps[4])
