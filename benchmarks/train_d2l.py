@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="fine-tune --init with this larger LoRA rank (hypernetwork.grow_rank: the same adapters to start with)")
     p.add_argument("--grow-latents", type=int, default=0,
                    help="fine-tune --init with this many times the encoder latents (hypernetwork.grow_latents: nearly the same adapters)")
+    p.add_argument("--new-head", choices=("b",), default=None,
+                   help="train a new head of this type on --init's encoder (hypernetwork.replace_head; with --grow-rank R, at rank R): "
+                        "'b' = learned per-layer A, B rows from per-layer + per-rank maps (HypernetworkConfig.head_type)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-steps", type=int, default=6000)
@@ -147,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     base = load_base_model(args.base, device=device, gguf_file=args.gguf)
     print(f"base loaded in {time.time() - t_start:.1f}s on {base.device}", flush=True)
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
-    if args.grow_rank:
+    if args.new_head:
+        from d2l_integrations.engine.hypernetwork import replace_head
+
+        hyper = replace_head(hyper, args.new_head, rank=args.grow_rank or None).float().train()  # encoder kept, head fresh
+    elif args.grow_rank:
         from d2l_integrations.engine.hypernetwork import grow_rank
 
         hyper = grow_rank(hyper, args.grow_rank).train()  # the same adapters at step 0; the new ranks start at B = 0
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             (out / "eval.json").write_text(json.dumps(table, indent=1))
         if args.export:
             summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
+                       **({"new_head": args.new_head} if args.new_head else {}),
                        **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),

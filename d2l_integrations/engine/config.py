@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONTEXT_FORMATS = ("raw", "chat_prefix", "chat")
+HEAD_TYPES = ("ab", "b")
 """Allowed ``HypernetworkConfig.context_format`` values."""
 
 DEFAULT_BASE_MODEL = "default"
@@ -79,6 +80,16 @@ class HypernetworkConfig:
             but then the document path never opens in training: it collapses to a
             document-independent adapter (benchmarks/results/training_log.md, rung 2). 1.0 trains.
             Loaded checkpoints overwrite the scalers, so this matters only for new networks.
+        head_type: how latents become LoRA factors. ``"ab"`` (the published design): each rank's A row
+            and B row are one per-layer linear map of that rank's L2-normalised latent, so every A row of
+            a layer lies in one ``latent_size``-dimensional subspace, every B row in another, and A and B
+            are tied. ``"b"``: A is a learned, document-independent matrix per layer, and B row ``j`` of
+            layer ``l`` is ``(W_l + U_j)^T z_lj`` (a per-layer map plus a per-rank map shared across
+            layers; no normalisation), so no two ranks share a subspace. Session 11 measured why:
+            optimising a document's latents through the trained ``"ab"`` head fits the teacher far
+            worse (training KL 0.77) than a free LoRA (0.03), while B-only LoRAs from equally many
+            numbers through *random* per-rank maps fit nearly as well as free LoRAs
+            (``benchmarks/latent_refine.py``, variants ``head`` and ``rand_b``; ``training_log.md``).
     """
 
     num_layers: int
@@ -104,6 +115,7 @@ class HypernetworkConfig:
     base_model: str = DEFAULT_BASE_MODEL
     base_model_revision: str | None = None
     scaler_b_init: float = 1.0
+    head_type: str = "ab"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "rank", "latent_size", "num_latents", "num_blocks", "num_heads", "num_kv_heads", "head_dim", "num_pre_head_layers"):
@@ -119,6 +131,9 @@ class HypernetworkConfig:
         if self.context_format not in CONTEXT_FORMATS:
             msg = f"context_format must be one of {list(CONTEXT_FORMATS)}, got {self.context_format!r}."
             raise ConfigError(msg)
+        if self.head_type not in HEAD_TYPES:
+            msg = f"head_type must be one of {list(HEAD_TYPES)}, got {self.head_type!r}."
+            raise ConfigError(msg)
         if not math.isfinite(self.lora_alpha):
             msg = f"lora_alpha must be finite, got {self.lora_alpha}."
             raise ConfigError(msg)
@@ -130,6 +145,8 @@ class HypernetworkConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["module_dims"] = [list(m) for m in self.module_dims]
+        if d["head_type"] == "ab":  # the default of a field added later: checkpoint ids stay as they were
+            del d["head_type"]
         return dict(sorted(d.items()))
 
     @classmethod

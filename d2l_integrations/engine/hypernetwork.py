@@ -333,7 +333,17 @@ class Hypernetwork(nn.Module):
 
         self.perceiver = Perceiver(config)
         self.layers = nn.Sequential(*(ResMLPBlockPerLayer(config) for _ in range(config.num_pre_head_layers)))
-        self.head = PerLayerHead(L, len(self.module_dims), D, self.d_lora, rank=r)
+        M = len(self.module_dims)
+        if config.head_type == "b":  # B rows from (W_l + U_j)^T z; A learned per layer, the same for every document
+            d_out_max = max(d_out for _, d_out in self.module_dims.values())
+            self.head = PerLayerHead(L, M, D, d_out_max, rank=r)
+            std = 0.5 / math.sqrt(D + d_out_max * r)
+            self.slot_head = nn.Parameter(torch.randn(M, r, D, d_out_max) * std)
+            self.fixed_A = nn.ParameterDict(
+                {m: nn.Parameter((torch.rand(L, r, d_in) * 2 - 1) / math.sqrt(d_in)) for m, (d_in, _) in self.module_dims.items()}
+            )
+        else:
+            self.head = PerLayerHead(L, M, D, self.d_lora, rank=r)
         # the published design starts scaler_B at 0 (an untrained network leaves the base unchanged), which
         # stalls training (config.scaler_b_init); loaded checkpoints overwrite it
         self.scaler_A = nn.ParameterDict({m: nn.Parameter(torch.ones(1, L, r, 1)) for m in self.module_dims})
@@ -367,8 +377,13 @@ class Hypernetwork(nn.Module):
         return latents.reshape(L, n, M, r, -1).transpose(0, 1)  # (n, L, M, r, D)
 
     def project(self, lora_embeddings: torch.Tensor) -> torch.Tensor:
-        """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``."""
+        """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``.
+
+        ``head_type="b"``: ResMLP, then B rows ``(W_l + U_j)^T z`` (no normalisation): ``[n, L, M, r, d_out]``.
+        """
         z = self.layers(lora_embeddings)
+        if self.config.head_type == "b":
+            return self.head(z) + torch.einsum("nlmrd,mrde->nlmre", z, self.slot_head)  # type: ignore[no-any-return]
         z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # no epsilon, as the reference
         return self.head(z)  # type: ignore[no-any-return]
 
@@ -377,8 +392,12 @@ class Hypernetwork(nn.Module):
         factors: ModuleFactors = {}
         for index, (module, (d_in, d_out)) in enumerate(self.module_dims.items()):
             out = head_out[:, :, index]  # (n, L, r, d_lora)
-            A = out[..., :d_in] * self.scaler_A[module]  # (n, L, r, d_in)
-            B = out[..., d_in : d_in + d_out] * self.scaler_B[module]  # (n, L, r, d_out)
+            if self.config.head_type == "b":  # out holds B only; A is the module's learned per-layer matrix
+                A = self.fixed_A[module].unsqueeze(0).expand(out.shape[0], -1, -1, -1) * self.scaler_A[module]
+                B = out[..., :d_out] * self.scaler_B[module]
+            else:
+                A = out[..., :d_in] * self.scaler_A[module]  # (n, L, r, d_in)
+                B = out[..., d_in : d_in + d_out] * self.scaler_B[module]  # (n, L, r, d_out)
             factors[module] = (A, B)
         return factors
 
@@ -465,6 +484,9 @@ def grow_rank(net: Hypernetwork, rank: int, *, seed: int = 0) -> Hypernetwork:
     checkpoint with more rank instead of starting again.
     """
     old = net.config.rank
+    if net.config.head_type != "ab":
+        msg = f"grow_rank supports head_type 'ab', this network has {net.config.head_type!r}; use replace_head(net, rank=...) on an 'ab' network."
+        raise ValueError(msg)
     if rank < old:
         msg = f"grow_rank makes the rank larger: {net.config.rank} -> {rank} would drop trained ranks. Give rank >= {old}."
         raise ValueError(msg)
@@ -521,6 +543,31 @@ def grow_latents(net: Hypernetwork, factor: int = 2, *, noise: float = 0.02, see
     state["perceiver.encoder.latents_q"] = torch.cat([q, copies.to(device=q.device, dtype=q.dtype)])
     grown.load_state_dict(state)
     return grown
+
+
+def replace_head(net: Hypernetwork, head_type: str = "b", *, rank: int | None = None, seed: int = 0) -> Hypernetwork:
+    """A copy of ``net`` (``head_type="ab"``) with a new, untrained head of ``head_type`` (and LoRA rank ``rank``).
+
+    The encoder (Perceiver), the per-layer ResMLP and the bias LoRA are kept (with ``rank`` above
+    ``net``'s, grown first as in ``grow_rank``); the head, its scalers and, for ``"b"``, the per-layer A
+    start fresh. For training a new head on a trained encoder (``train_d2l --new-head b``): the
+    adapters change at step 0, so this is a new run, not a continuation.
+    """
+    if net.config.head_type != "ab":
+        msg = f"replace_head starts from a head_type 'ab' network, got {net.config.head_type!r}."
+        raise ValueError(msg)
+    source = grow_rank(net, rank, seed=seed) if rank is not None and rank != net.config.rank else net
+    ref = net.head.weight
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = Hypernetwork(dataclasses.replace(source.config, head_type=head_type))
+    fresh = fresh.to(device=ref.device, dtype=ref.dtype)
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "scaler_A.", "scaler_B."))}
+    result = fresh.load_state_dict(kept, strict=False)
+    if result.unexpected_keys:
+        msg = f"replace_head: keys of the old network have no place in the new one: {result.unexpected_keys}."
+        raise ValueError(msg)
+    return fresh
 
 
 def check_base_shapes(config: HypernetworkConfig, base: Any) -> None:

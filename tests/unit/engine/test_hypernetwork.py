@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -22,6 +23,7 @@ from d2l_integrations.engine.hypernetwork import (
     features_from_hidden_states,
     grow_latents,
     grow_rank,
+    replace_head,
 )
 from d2l_integrations.engine.lora import AdapterProvenance, LoRAAdapter, LoRAWeights
 from d2l_integrations.errors import ConfigError, IncompatibleCheckpointError, InvalidDocumentError
@@ -356,3 +358,82 @@ def test_grow_latents_keeps_every_adapter_exactly_without_noise_and_nearly_with_
 
     with pytest.raises(ValueError, match="factor >= 1"):
         grow_latents(net, 0)
+
+
+def test_b_head_a_is_the_same_for_every_document_and_b_rows_leave_one_subspace():
+    net = randomized(Hypernetwork(tiny_config(head_type="b", rank=6, latent_size=4)))
+    features, mask = torch.randn(5, LAYERS, 5, HIDDEN), torch.ones(5, 5)
+    factors = net(features, mask)
+    for module, (A, B) in factors.items():
+        d_in, d_out = net.module_dims[module]
+        assert A.shape == (5, LAYERS, 6, d_in) and B.shape == (5, LAYERS, 6, d_out)
+        assert torch.equal(A[0], A[3])  # A does not depend on the document
+        assert not torch.allclose(B[0], B[3])  # B does
+    # the six B rows of one layer, over five documents, span more than one latent_size-dimensional subspace:
+    # each rank has its own map (W_l + U_j), where the "ab" head has one per layer
+    B = factors["down_proj"][1][:, 0]  # (n, r, d_out) with d_out = HIDDEN = 16
+    assert torch.linalg.matrix_rank(B.reshape(-1, B.shape[-1])) > net.config.latent_size
+    ab = randomized(Hypernetwork(tiny_config(rank=6, latent_size=4)))
+    B_ab = ab(features, mask)["down_proj"][1][:, 0]
+    assert torch.linalg.matrix_rank(B_ab.reshape(-1, B_ab.shape[-1])) <= ab.config.latent_size
+    # no normalisation: a latent twice as large gives B twice as large (the ResMLP is bypassed to see it)
+    z = torch.randn(1, LAYERS, 2, 6, 4)
+    torch.testing.assert_close(net.head(2 * z) + torch.einsum("nlmrd,mrde->nlmre", 2 * z, net.slot_head),
+                               2 * (net.head(z) + torch.einsum("nlmrd,mrde->nlmre", z, net.slot_head)))
+    with pytest.raises(ConfigError, match="head_type"):
+        tiny_config(head_type="abc")
+
+
+def test_b_head_round_trips_and_ab_checkpoint_ids_are_unchanged(tmp_path, base: BaseModel) -> None:  # noqa: ANN001
+    from d2l_integrations.engine.checkpoint import compute_checkpoint_id, load_checkpoint, save_checkpoint
+
+    ab = tiny_config()
+    assert "head_type" not in ab.to_dict()  # ids of checkpoints saved before head_type existed stay the same
+    assert HypernetworkConfig.from_dict(ab.to_dict()) == ab
+    b = tiny_config(head_type="b")
+    assert b.to_dict()["head_type"] == "b" and HypernetworkConfig.from_dict(b.to_dict()) == b
+    net = randomized(Hypernetwork(b))
+    assert compute_checkpoint_id(net.state_dict(), b) != compute_checkpoint_id(net.state_dict(), dataclasses.replace(b, head_type="ab"))
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "b"), base)
+    assert loaded.config.head_type == "b"
+    features, mask = torch.randn(2, LAYERS, 5, HIDDEN), torch.ones(2, 5)
+    for (A, B), (A2, B2) in zip(net(features, mask).values(), loaded(features, mask).values(), strict=True):
+        torch.testing.assert_close(A2, A)
+        torch.testing.assert_close(B2, B)
+
+
+def test_replace_head_keeps_the_encoder_and_the_bias_and_grows_the_rank():
+    net = randomized(Hypernetwork(tiny_config()))
+    new = replace_head(net, "b", rank=4)
+    assert (new.config.head_type, new.config.rank) == ("b", 4)
+    old_state, new_state = net.state_dict(), new.state_dict()
+    for key in old_state:
+        if key.startswith(("perceiver.encoder.", "layers.", "perceiver.projection")) and key in new_state:
+            assert torch.equal(old_state[key], new_state[key]), key
+    for m in net.module_dims:  # the bias LoRA: old ranks kept, new ranks with B = 0, so its delta is unchanged
+        torch.testing.assert_close(torch.einsum("lri,lro->lio", *new.bias_factors()[m]),
+                                   torch.einsum("lri,lro->lio", *net.bias_factors()[m]))
+    features, mask = torch.randn(2, LAYERS, 5, HIDDEN), torch.ones(2, 5)
+    out = new.train()(features, mask)
+    sum(B.pow(2).sum() for _, B in out.values()).backward()
+    assert new.slot_head.grad.abs().sum() > 0 and new.perceiver.encoder.latents_q.grad.abs().sum() > 0
+    assert torch.equal(replace_head(net, "b", seed=3).slot_head, replace_head(net, "b", seed=3).slot_head)  # seeded
+    with pytest.raises(ValueError, match="'ab'"):
+        replace_head(new, "b")
+    with pytest.raises(ValueError, match="replace_head"):
+        grow_rank(new, 8)
+
+
+def test_b_head_fits_the_shipped_size_budget_for_the_default_model():
+    """At rank 32 for SmolLM2-135M's shape (30 layers, down_proj 1536 -> 576), stored in bf16, <= 24 MB."""
+    from d2l_integrations.engine.checkpoint import read_checkpoint_config
+    from d2l_integrations.engine.engine import shipped_checkpoint_path
+
+    folder = shipped_checkpoint_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    if folder is None:
+        pytest.skip("no checkpoint ships for the default model")
+    shipped = read_checkpoint_config(folder)[0]
+    with torch.device("meta"):
+        net = Hypernetwork(dataclasses.replace(shipped, head_type="b", rank=32))
+    size = sum(p.numel() for p in net.parameters()) * 2
+    assert size <= 24 * 10**6, size

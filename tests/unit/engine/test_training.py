@@ -656,3 +656,44 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
     assert config["hypernetwork"]["num_latents"] == 2 * small and config["metadata"]["data_summary"]["latents_grown_by"] == 2
     state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["hypernet"]["scaler_B.down_proj"].shape[2] == 3
+
+
+def test_b_head_trains_and_reaches_every_parameter(tiny_base, tmp_path):
+    from d2l_integrations.engine.hypernetwork import replace_head
+
+    torch.manual_seed(0)
+    net = replace_head(tiny_hypernet(tiny_base), "b", rank=3).train()
+    trainer = DistillationTrainer(tiny_base, net, config(), out_dir=tmp_path)
+    first = trainer.train_step()["loss"]
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, no_grad
+    for _ in range(15):
+        trainer.train_step()
+    trainer.step = 0  # step 0's batch again: its loss went down
+    with torch.no_grad():
+        batch = trainer.tokens.batch(trainer.train_data.batch(0, 4), trainer.device)
+        t_logits, feats, mask = trainer.teacher(batch)
+        parts = trainer.losses(t_logits, trainer.student(batch, trainer.generate_factors(feats, mask)), batch)
+    assert parts["kl"].mean().item() + parts["key_ce"].mean().item() < first
+
+
+def test_train_d2l_trains_a_new_b_head_on_its_init_checkpoint(tiny_base, tmp_path):
+    from benchmarks.train_d2l import main
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    base = load_base_model(str(folder), device="cpu")
+    save_checkpoint(tiny_hypernet(base), tmp_path / "ckpt")  # rank 2, head "ab"
+    main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+          "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
+          "--new-head", "b", "--grow-rank", "4", "--export"])
+    config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
+    assert (config["hypernetwork"]["head_type"], config["hypernetwork"]["rank"]) == ("b", 4)
+    assert config["metadata"]["data_summary"]["new_head"] == "b"
+    ckpt = tmp_path / "out" / "checkpoint"  # the export is split into parts (the device's file limit): join them
+    (ckpt / "hypernetwork.safetensors").write_bytes(b"".join(p.read_bytes() for p in sorted(ckpt.glob("hypernetwork.safetensors.part*"))))
+    exported = load_checkpoint(ckpt, base)
+    assert exported.config.head_type == "b" and "slot_head" in dict(exported.named_parameters())
