@@ -84,8 +84,9 @@ class HypernetworkConfig:
             and B row are one per-layer linear map of that rank's L2-normalised latent, so every A row of
             a layer lies in one ``latent_size``-dimensional subspace, every B row in another, and A and B
             are tied. ``"b"``: A is a learned, document-independent matrix per layer, and B row ``j`` of
-            layer ``l`` is ``(W_l + U_j)^T z_lj`` (a per-layer map plus a per-rank map shared across
-            layers; no normalisation), so no two ranks share a subspace. Session 11 measured why:
+            layer ``l`` is ``(W_l + U_j)^T z_lj / sqrt(latent_size)`` (a per-layer map plus a per-rank map
+            shared across layers, both starting at 0; no per-latent normalisation), so no two ranks share a
+            subspace. Session 11 measured why:
             optimising a document's latents through the trained ``"ab"`` head fits the teacher far
             worse (training KL 0.77) than a free LoRA (0.03), while B-only LoRAs from equally many
             numbers through *random* per-rank maps fit nearly as well as free LoRAs

@@ -335,10 +335,12 @@ class Hypernetwork(nn.Module):
         self.layers = nn.Sequential(*(ResMLPBlockPerLayer(config) for _ in range(config.num_pre_head_layers)))
         M = len(self.module_dims)
         if config.head_type == "b":  # B rows from (W_l + U_j)^T z; A learned per layer, the same for every document
+            # both maps start at 0, as a LoRA's B: the network starts at its bias LoRA, and the first steps train the
+            # maps (their gradient is z x dL/dB) before the encoder's gradient (through the maps) opens
             d_out_max = max(d_out for _, d_out in self.module_dims.values())
             self.head = PerLayerHead(L, M, D, d_out_max, rank=r)
-            std = 0.5 / math.sqrt(D + d_out_max * r)
-            self.slot_head = nn.Parameter(torch.randn(M, r, D, d_out_max) * std)
+            nn.init.zeros_(self.head.weight)
+            self.slot_head = nn.Parameter(torch.zeros(M, r, D, d_out_max))
             self.fixed_A = nn.ParameterDict(
                 {m: nn.Parameter((torch.rand(L, r, d_in) * 2 - 1) / math.sqrt(d_in)) for m, (d_in, _) in self.module_dims.items()}
             )
@@ -379,10 +381,12 @@ class Hypernetwork(nn.Module):
     def project(self, lora_embeddings: torch.Tensor) -> torch.Tensor:
         """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``.
 
-        ``head_type="b"``: ResMLP, then B rows ``(W_l + U_j)^T z`` (no normalisation): ``[n, L, M, r, d_out]``.
+        ``head_type="b"``: ResMLP, then B rows ``(W_l + U_j)^T z / sqrt(D)`` (no per-latent normalisation, so a
+        document can make a rank larger or smaller): ``[n, L, M, r, d_out]``.
         """
         z = self.layers(lora_embeddings)
-        if self.config.head_type == "b":
+        if self.config.head_type == "b":  # a fixed 1/sqrt(D): latents keep their size, per-step changes of B stay as with "ab"
+            z = z / math.sqrt(self.config.latent_size)
             return self.head(z) + torch.einsum("nlmrd,mrde->nlmre", z, self.slot_head)  # type: ignore[no-any-return]
         z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)  # no epsilon, as the reference
         return self.head(z)  # type: ignore[no-any-return]

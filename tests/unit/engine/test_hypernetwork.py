@@ -378,8 +378,8 @@ def test_b_head_a_is_the_same_for_every_document_and_b_rows_leave_one_subspace()
     assert torch.linalg.matrix_rank(B_ab.reshape(-1, B_ab.shape[-1])) <= ab.config.latent_size
     # no normalisation: a latent twice as large gives B twice as large (the ResMLP is bypassed to see it)
     z = torch.randn(1, LAYERS, 2, 6, 4)
-    torch.testing.assert_close(net.head(2 * z) + torch.einsum("nlmrd,mrde->nlmre", 2 * z, net.slot_head),
-                               2 * (net.head(z) + torch.einsum("nlmrd,mrde->nlmre", z, net.slot_head)))
+    net.layers = torch.nn.Identity()
+    torch.testing.assert_close(net.project(2 * z), 2 * net.project(z))
     with pytest.raises(ConfigError, match="head_type"):
         tiny_config(head_type="abc")
 
@@ -415,8 +415,15 @@ def test_replace_head_keeps_the_encoder_and_the_bias_and_grows_the_rank():
                                    torch.einsum("lri,lro->lio", *net.bias_factors()[m]))
     features, mask = torch.randn(2, LAYERS, 5, HIDDEN), torch.ones(2, 5)
     out = new.train()(features, mask)
-    sum(B.pow(2).sum() for _, B in out.values()).backward()
-    assert new.slot_head.grad.abs().sum() > 0 and new.perceiver.encoder.latents_q.grad.abs().sum() > 0
+    assert all(torch.count_nonzero(B) == 0 for _, B in out.values())  # a fresh head starts at the bias LoRA alone
+    target = {m: torch.randn_like(B) for m, (_, B) in out.items()}
+    sum((B - target[m]).pow(2).sum() for m, (_, B) in out.items()).backward()
+    assert new.slot_head.grad.abs().sum() > 0 and new.head.weight.grad.abs().sum() > 0  # the maps train first
+    with torch.no_grad():
+        new.slot_head.add_(0.1 * torch.randn_like(new.slot_head))
+    new.zero_grad()
+    sum((B - target[m]).pow(2).sum() for m, (_, B) in new(features, mask).items()).backward()
+    assert new.perceiver.encoder.latents_q.grad.abs().sum() > 0  # then the encoder's gradient opens
     assert torch.equal(replace_head(net, "b", seed=3).slot_head, replace_head(net, "b", seed=3).slot_head)  # seeded
     with pytest.raises(ValueError, match="'ab'"):
         replace_head(new, "b")
