@@ -1,11 +1,12 @@
 """The ``Internalizer`` protocol: anything that turns document chunks into LoRA adapters.
 
-Two implementations produce the *same* ``LoRAAdapter`` (same targets, composition, save/load and
+Three implementations produce the *same* ``LoRAAdapter`` (same targets, composition, save/load and
 PEFT export), so everything downstream of the engine is indifferent to how an adapter was made:
 
 - ``hypernetwork`` (``engine/hypernetwork.py``): D2L, one forward pass of a trained hypernetwork.
 - ``distill`` (``engine/distill.py``): per-chunk context distillation by gradient descent; works
   for every base model today, with no checkpoint.
+- ``refine`` (``engine/refine.py``): the hypernetwork's adapter with distillation trained on top of it.
 
 See ``docs/ENGINE_CONTRACT.md``.
 """
@@ -27,7 +28,7 @@ class Internalizer(Protocol):
     """Turns text chunks into one LoRA adapter per chunk for a frozen base model.
 
     Attributes:
-        name: ``"hypernetwork"`` or ``"distill"``.
+        name: ``"hypernetwork"``, ``"distill"`` or ``"refine"``.
         checkpoint_id: part of adapter-store keys, so stored adapters are invalidated when the
             checkpoint or the settings change (None: the store uses ``name`` plus a settings hash).
     """
