@@ -59,7 +59,7 @@ def _max_new_tokens(task: str) -> int:
 
 
 def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
-             split: str = "eval") -> dict:
+             split: str = "eval", batch_size: int = 32) -> dict:
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
     (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning.
 
@@ -72,7 +72,8 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
         t0 = time.time()
         exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]
-        res = greedy_eval(trainer, exs, max_new_tokens=_max_new_tokens(t), scorer=f1_score if base_name in f1_tasks else None)
+        res = greedy_eval(trainer, exs, batch_size=batch_size, max_new_tokens=_max_new_tokens(t),
+                          scorer=f1_score if base_name in f1_tasks else None)
         res["seconds"] = round(time.time() - t0, 1)
         t = t if split == "eval" else f"{split}:{t}"
         table[t] = res
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
     p.add_argument("--eval-n", type=int, default=128)
+    p.add_argument("--eval-batch", type=int, default=32,
+                   help="documents per evaluation batch (>= 2); multi-chunk tasks encode batch x chunks at once (on CPU, squad/4 "
+                        "at 32 took 22 GB: use 8). The answers do not depend on it; the mismatched control pairs each document "
+                        "with the next one in its batch")
     p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                         "of an H200 (session 5) and jobs sharing the GPU ran out of memory; whether it needs that much "
                         "or caches it was not measured")
     args = p.parse_args(argv)
+    if args.eval_batch < 2:
+        p.error(f"--eval-batch must be >= 2 (the mismatched control pairs documents within a batch), got {args.eval_batch}")
     if args.gpu_memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     t_start = time.time()
@@ -192,10 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     table = {}
     if args.eval:
         table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
-                         task_kwargs=task_kwargs)
+                         task_kwargs=task_kwargs, batch_size=args.eval_batch)
     if args.eval_train:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
-                              f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train"))
+                              f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train",
+                              batch_size=args.eval_batch))
     if trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))

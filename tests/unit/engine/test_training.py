@@ -697,3 +697,15 @@ def test_train_d2l_trains_a_new_b_head_on_its_init_checkpoint(tiny_base, tmp_pat
     (ckpt / "hypernetwork.safetensors").write_bytes(b"".join(p.read_bytes() for p in sorted(ckpt.glob("hypernetwork.safetensors.part*"))))
     exported = load_checkpoint(ckpt, base)
     assert exported.config.head_type == "b" and "slot_head" in dict(exported.named_parameters())
+
+
+def test_greedy_eval_answers_do_not_depend_on_its_batch_size(tiny_base):
+    """train_d2l --eval-batch trades memory for speed; only the mismatched pairing (the next document *in the
+    batch*) depends on it."""
+    torch.manual_seed(0)
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("facts_varied/1-3+d1", 1.0),), max_doc_tokens=96))
+    examples = trainer.eval_sets["facts_varied/1-3+d1"]
+    tables = [greedy_eval(trainer, examples, batch_size=b, max_new_tokens=3) for b in (2, 4)]
+    for cond in ("no_context", "full_context", "d2l", "bias_only"):
+        assert tables[0]["accuracy"][cond] == tables[1]["accuracy"][cond]
+        assert tables[0]["samples"][cond] == tables[1]["samples"][cond]
