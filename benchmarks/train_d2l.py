@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="fine-tune --init with this larger LoRA rank (hypernetwork.grow_rank: the same adapters to start with)")
     p.add_argument("--grow-latents", type=int, default=0,
                    help="fine-tune --init with this many times the encoder latents (hypernetwork.grow_latents: nearly the same adapters)")
-    p.add_argument("--new-head", choices=("b",), default=None,
+    p.add_argument("--new-head", choices=("ab", "b"), default=None,
                    help="train a new head of this type on --init's encoder (hypernetwork.replace_head; with --grow-rank R, at rank R): "
-                        "'b' = learned per-layer A, B rows from per-layer + per-rank maps (HypernetworkConfig.head_type)")
+                        "'b' = learned per-layer A, B rows from per-layer + per-rank maps (HypernetworkConfig.head_type); "
+                        "'ab' = a fresh head of the published design (the control)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--max-steps", type=int, default=6000)

@@ -555,7 +555,8 @@ def replace_head(net: Hypernetwork, head_type: str = "b", *, rank: int | None = 
     The encoder (Perceiver), the per-layer ResMLP and the bias LoRA are kept (with ``rank`` above
     ``net``'s, grown first as in ``grow_rank``); the head, its scalers and, for ``"b"``, the per-layer A
     start fresh. For training a new head on a trained encoder (``train_d2l --new-head b``): the
-    adapters change at step 0, so this is a new run, not a continuation.
+    adapters change at step 0, so this is a new run, not a continuation. ``head_type="ab"`` gives a
+    fresh head of the published design: the control for a new design trained for as many steps.
     """
     if net.config.head_type != "ab":
         msg = f"replace_head starts from a head_type 'ab' network, got {net.config.head_type!r}."

@@ -427,6 +427,9 @@ def test_replace_head_keeps_the_encoder_and_the_bias_and_grows_the_rank():
     assert torch.equal(replace_head(net, "b", seed=3).slot_head, replace_head(net, "b", seed=3).slot_head)  # seeded
     with pytest.raises(ValueError, match="'ab'"):
         replace_head(new, "b")
+    control = replace_head(net, "ab", seed=1)  # a fresh head of the published design, on the same encoder
+    assert control.config == net.config and not torch.equal(control.head.weight, net.head.weight)
+    assert torch.equal(control.perceiver.encoder.latents_q, net.perceiver.encoder.latents_q)
     with pytest.raises(ValueError, match="replace_head"):
         grow_rank(new, 8)
 
