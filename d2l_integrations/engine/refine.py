@@ -31,8 +31,11 @@ from d2l_integrations.engine.internalizer import ProgressCallback, check_chunks
 from d2l_integrations.engine.lora import LoRAAdapter
 
 
-class RefineInternalizer:
+class RefineInternalizer(DistillInternalizer):
     """Hypernetwork adapter per chunk, then distillation trained on top of it (see module docstring).
+
+    A ``DistillInternalizer`` whose ``distill_chunks`` starts every chunk from the hypernetwork's
+    adapter (or from the ``start`` adapters given, e.g. ones already made and stored).
 
     Args:
         hypernetwork: a ``HypernetworkInternalizer`` for the base model (anything with
@@ -49,47 +52,32 @@ class RefineInternalizer:
     name = "refine"
 
     def __init__(self, hypernetwork: Any, config: DistillConfig | None = None, *, share_teacher_prefix: bool = True) -> None:
+        super().__init__(config, share_teacher_prefix=share_teacher_prefix)
         self.hypernetwork = hypernetwork
-        self.distill = DistillInternalizer(config, share_teacher_prefix=share_teacher_prefix)
-
-    @property
-    def config(self) -> DistillConfig:
-        return self.distill.config
 
     @property
     def checkpoint_id(self) -> str:
         """``refine-<hypernetwork checkpoint>-<distill settings hash>``: stores invalidate when either changes."""
         return f"refine-{self.hypernetwork.checkpoint_id}-{self.config.settings_hash()}"
 
-    def internalize_chunks(
+    def distill_chunks(
         self,
         base: BaseModel,
         chunks: Sequence[str],
         *,
         chunk_ids: Sequence[str] | None = None,
-        progress: ProgressCallback | None = None,
-    ) -> list[LoRAAdapter]:
-        """One refined adapter per chunk, in order (failures as ``DistillInternalizer.distill_chunks``)."""
-        return [r.adapter for r in self.refine_chunks(base, chunks, chunk_ids=chunk_ids, progress=progress)]
-
-    def refine_chunks(
-        self,
-        base: BaseModel,
-        chunks: Sequence[str],
-        *,
-        chunk_ids: Sequence[str] | None = None,
-        start: Sequence[LoRAAdapter] | None = None,
         progress: ProgressCallback | None = None,
         on_result: Callable[[int, DistillResult], None] | None = None,
         snapshot_steps: Sequence[int] = (),
+        start: Sequence[LoRAAdapter] | None = None,
     ) -> list[DistillResult]:
-        """Refine each chunk's adapter; ``start`` (one per chunk) replaces the hypernetwork pass, e.g. adapters
-        already made and stored. Returns ``DistillResult``s whose adapters carry ``method="refine"``."""
+        """As ``DistillInternalizer.distill_chunks``, starting from ``start`` (default: the hypernetwork's adapters
+        of ``chunks``). The results' adapters carry ``method="refine"``."""
         check_chunks(chunks, chunk_ids)
         if start is None:
             start = self.hypernetwork.internalize_chunks(base, chunks, chunk_ids=chunk_ids)
-        return self.distill.distill_chunks(base, chunks, chunk_ids=chunk_ids, progress=progress, on_result=on_result,
-                                           snapshot_steps=snapshot_steps, start=start)
+        return super().distill_chunks(base, chunks, chunk_ids=chunk_ids, progress=progress, on_result=on_result,
+                                      snapshot_steps=snapshot_steps, start=start)
 
 
 __all__ = ["RefineInternalizer"]

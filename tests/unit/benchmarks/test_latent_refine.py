@@ -50,6 +50,17 @@ def _logits(base, adapters):  # noqa: ANN001, ANN202
         return base.model(input_ids=ids).logits
 
 
+def _assert_training_lowers_the_loss(base, lora, trainer, data) -> None:  # noqa: ANN001
+    """Run ``trainer``; the loss on every training question of both documents must go down."""
+    batch = [(c, ex) for c in range(2) for ex in data[c].train]
+    with lora.attached(base.model), torch.no_grad():
+        before = trainer._loss(batch)
+    trainer.run([], lambda *a: None)
+    with lora.attached(base.model), torch.no_grad():
+        after = trainer._loss(batch)
+    assert (after < before).all(), (before, after)
+
+
 @pytest.mark.parametrize("variant", ["head", "head_ab", "head_gain", "warm"])
 def test_step_zero_is_the_hypernetworks_own_adapter(setup, variant) -> None:  # noqa: ANN001
     base, hyper, distill, data = setup
@@ -75,13 +86,7 @@ def test_head_trains_only_the_latents_and_lowers_the_loss(setup) -> None:  # noq
     assert w.lora_A.shape[0] == 2 * hyper.config.rank
     # and the distillation loss on every training question goes down
     lora, trainer = _composed(setup, train_latents=True, free=False)
-    batch = [(c, ex) for c in range(2) for ex in data[c].train]
-    with lora.attached(base.model), torch.no_grad():
-        before = trainer._loss(batch)
-    trainer.run([], lambda *a: None)
-    with lora.attached(base.model), torch.no_grad():
-        after = trainer._loss(batch)
-    assert (after < before).all(), (before, after)
+    _assert_training_lowers_the_loss(base, lora, trainer, data)
 
 
 def test_warm_and_free_train_a_free_lora(setup) -> None:  # noqa: ANN001
@@ -205,13 +210,7 @@ def test_b_only_variants_keep_a_at_its_init_and_lower_the_loss(setup, variant) -
     a_before = {n: a.detach().clone() for n, a in lora.lora_A.items()}
     trainer = RandomHeadTrainer(base, cfg, data, paths, lora, lr=LR_B)
     assert all(torch.count_nonzero(trainer._factors_now(c)[n][1]) == 0 for c in range(2) for n in paths)  # starts at the base
-    batch = [(c, ex) for c in range(2) for ex in data[c].train]
-    with lora.attached(base.model), torch.no_grad():
-        before = trainer._loss(batch)
-    trainer.run([], lambda *a: None)
-    with lora.attached(base.model), torch.no_grad():
-        after = trainer._loss(batch)
-    assert (after < before).all(), (before, after)
+    _assert_training_lowers_the_loss(base, lora, trainer, data)
     for n in paths:
         assert torch.equal(lora.lora_A[n], a_before[n])  # A is frozen
         b = trainer._factors_now(0)[n][1]  # (d_out, r)

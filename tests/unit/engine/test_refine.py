@@ -70,7 +70,7 @@ def test_training_starts_exactly_at_the_hypernetwork_adapter(base: BaseModel, hy
 def test_refined_adapter_is_the_start_plus_what_was_trained(base: BaseModel, hyper: HypernetworkInternalizer) -> None:
     cfg = _config(patience=0, max_steps=8)
     [start] = hyper.internalize_chunks(base, [DOC_A], chunk_ids=["a"])
-    [result] = RefineInternalizer(hyper, cfg).refine_chunks(base, [DOC_A], chunk_ids=["a"])
+    [result] = RefineInternalizer(hyper, cfg).distill_chunks(base, [DOC_A], chunk_ids=["a"])
     adapter = result.adapter
     prov = adapter.provenance
     assert (prov.method, prov.checkpoint_id, prov.source_sha256, prov.chunk_ids) == ("refine", "tiny-hyper", (_sha(DOC_A),), ("a",))
@@ -113,8 +113,8 @@ def test_given_start_adapters_replace_the_hypernetwork_pass(base: BaseModel, hyp
     cfg = _config(patience=0, max_steps=3)
     refine = RefineInternalizer(hyper, cfg)
     stored = hyper.internalize_chunks(base, [DOC_A, DOC_B])
-    given = refine.refine_chunks(base, [DOC_A, DOC_B], start=stored)
-    fresh = refine.refine_chunks(base, [DOC_A, DOC_B])
+    given = refine.distill_chunks(base, [DOC_A, DOC_B], start=stored)
+    fresh = refine.distill_chunks(base, [DOC_A, DOC_B])
     for x, y in zip(given, fresh, strict=True):
         for name in x.adapter.weights:
             torch.testing.assert_close(x.adapter.weights[name].lora_B, y.adapter.weights[name].lora_B)
@@ -169,7 +169,7 @@ def test_real_model_refines_the_shipped_hypernetwork_adapter() -> None:
         pytest.skip("no shipped hypernetwork checkpoint for the default model")
     doc = "The grass is green. The sky is blue.\nThe special magic number is 4821.\nThe sun is yellow."
     cfg = DistillConfig(max_steps=6, batch_size=64, max_questions=6, about_questions=1, teacher_max_new_tokens=8, patience=0)
-    [result] = RefineInternalizer(engine.hypernetwork, cfg).refine_chunks(engine.base, [doc])
+    [result] = RefineInternalizer(engine.hypernetwork, cfg).distill_chunks(engine.base, [doc])
     first, last = result.train_kl  # batch_size above the example count: the same batch every step
     assert last < first
     assert result.adapter.provenance.method == "refine"

@@ -63,6 +63,16 @@ def test_lora_forward_matches_merged_weights(tiny_base):
     assert not torch.allclose(base_out, got)  # hooks are gone after the context
 
 
+def _step0_loss(trainer) -> float:
+    """The loss (KL + key CE) of the current network on step 0's batch."""
+    trainer.step = 0
+    with torch.no_grad():
+        batch = trainer.tokens.batch(trainer.train_data.batch(0, 4), trainer.device)
+        t_logits, feats, mask = trainer.teacher(batch)
+        parts = trainer.losses(t_logits, trainer.student(batch, trainer.generate_factors(feats, mask)), batch)
+    return parts["kl"].mean().item() + parts["key_ce"].mean().item()
+
+
 def test_train_steps_reduce_loss_and_reach_every_parameter(tiny_base, tmp_path):
     torch.manual_seed(0)
     net = tiny_hypernet(tiny_base)
@@ -75,13 +85,7 @@ def test_train_steps_reduce_loss_and_reach_every_parameter(tiny_base, tmp_path):
     first = rec["loss"]
     for _ in range(15):
         rec = trainer.train_step()
-    # the same batch again: the loss on step 0's data went down
-    trainer.step = 0
-    with torch.no_grad():
-        batch = trainer.tokens.batch(trainer.train_data.batch(0, 4), trainer.device)
-        t_logits, feats, mask = trainer.teacher(batch)
-        parts = trainer.losses(t_logits, trainer.student(batch, trainer.generate_factors(feats, mask)), batch)
-    assert parts["kl"].mean().item() + parts["key_ce"].mean().item() < first
+    assert _step0_loss(trainer) < first  # the same batch again: the loss on step 0's data went down
 
 
 def test_resume_restores_weights_optimizer_and_step(tiny_base, tmp_path):
@@ -669,12 +673,7 @@ def test_b_head_trains_and_reaches_every_parameter(tiny_base, tmp_path):
     assert not no_grad, no_grad
     for _ in range(15):
         trainer.train_step()
-    trainer.step = 0  # step 0's batch again: its loss went down
-    with torch.no_grad():
-        batch = trainer.tokens.batch(trainer.train_data.batch(0, 4), trainer.device)
-        t_logits, feats, mask = trainer.teacher(batch)
-        parts = trainer.losses(t_logits, trainer.student(batch, trainer.generate_factors(feats, mask)), batch)
-    assert parts["kl"].mean().item() + parts["key_ce"].mean().item() < first
+    assert _step0_loss(trainer) < first  # step 0's batch again: its loss went down
 
 
 def test_train_d2l_trains_a_new_b_head_on_its_init_checkpoint(tiny_base, tmp_path):
