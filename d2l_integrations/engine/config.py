@@ -85,8 +85,9 @@ class HypernetworkConfig:
             a layer lies in one ``latent_size``-dimensional subspace, every B row in another, and A and B
             are tied. ``"b"``: A is a learned, document-independent matrix per layer, and B row ``j`` of
             layer ``l`` is ``(W_l + U_j)^T z_lj / sqrt(latent_size)`` (a per-layer map plus a per-rank map
-            shared across layers, both starting at 0; no per-latent normalisation), so no two ranks share a
-            subspace. Session 11 measured why:
+            shared across layers, both starting at 0; no per-latent normalisation; ``scaler_B`` starts at
+            ``2 / lora_alpha``, distillation's scaling, and ``scaler_b_init`` does not apply), so no two
+            ranks share a subspace. Session 11 measured why:
             optimising a document's latents through the trained ``"ab"`` head fits the teacher far
             worse (training KL 0.77) than a free LoRA (0.03), while B-only LoRAs from equally many
             numbers through *random* per-rank maps fit nearly as well as free LoRAs

@@ -349,7 +349,11 @@ class Hypernetwork(nn.Module):
         # the published design starts scaler_B at 0 (an untrained network leaves the base unchanged), which
         # stalls training (config.scaler_b_init); loaded checkpoints overwrite it
         self.scaler_A = nn.ParameterDict({m: nn.Parameter(torch.ones(1, L, r, 1)) for m in self.module_dims})
-        self.scaler_B = nn.ParameterDict({m: nn.Parameter(torch.full((1, L, r, 1), float(config.scaler_b_init))) for m in self.module_dims})
+        # "b": B's scaling (lora_alpha x scaler_B) starts at distillation's alpha / rank = 2 (DistillConfig), for an A
+        # initialised as distill's. With scaler_B = 1 (scaling 45 at the "ab" alpha) a fresh "b" head's training KL
+        # was above a fresh "ab" head's at nearly every one of 30 CPU steps on the same batches; with 2 it tracks it
+        b_init = 2.0 / config.lora_alpha if config.head_type == "b" else float(config.scaler_b_init)
+        self.scaler_B = nn.ParameterDict({m: nn.Parameter(torch.full((1, L, r, 1), b_init)) for m in self.module_dims})
         if config.use_bias_lora:
             self.bias_A = nn.ParameterDict(
                 {m: nn.Parameter(torch.randn(L, r, d_in) * (0.2 / math.sqrt(d_in * r))) for m, (d_in, _) in self.module_dims.items()}

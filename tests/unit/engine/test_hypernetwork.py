@@ -447,3 +447,10 @@ def test_b_head_fits_the_shipped_size_budget_for_the_default_model():
         net = Hypernetwork(dataclasses.replace(shipped, head_type="b", rank=32))
     size = sum(p.numel() for p in net.parameters()) * 2
     assert size <= 24 * 10**6, size
+
+
+def test_b_head_starts_at_distillations_scaling():
+    net = Hypernetwork(tiny_config(head_type="b", lora_alpha=8.0, scaler_b_init=1.0))
+    for scaler in net.scaler_B.values():  # lora_alpha x scaler_B = 2 = DistillConfig's alpha / rank
+        torch.testing.assert_close(scaler * net.config.lora_alpha, torch.full_like(scaler, 2.0))
+    assert all(torch.all(s == 1.0) for s in Hypernetwork(tiny_config(scaler_b_init=1.0)).scaler_B.values())  # "ab" unchanged
