@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from d2l_integrations.engine.training import (
 )
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
+EVAL_CONDITIONS = ("no_context", "full_context", "d2l", "mismatched", "bias_only")
 EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
 PART_BYTES = 15 * 2**20
 
@@ -59,7 +61,7 @@ def _max_new_tokens(task: str) -> int:
 
 
 def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
-             split: str = "eval", batch_size: int = 32) -> dict:
+             split: str = "eval", batch_size: int = 32, conditions: Sequence[str] = EVAL_CONDITIONS) -> dict:
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
     (keys ``train:<task>``), which tells memorisation (train high, eval low) from not learning.
 
@@ -72,7 +74,7 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
         t0 = time.time()
         exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]
-        res = greedy_eval(trainer, exs, batch_size=batch_size, max_new_tokens=_max_new_tokens(t),
+        res = greedy_eval(trainer, exs, batch_size=batch_size, max_new_tokens=_max_new_tokens(t), conditions=conditions,
                           scorer=f1_score if base_name in f1_tasks else None)
         res["seconds"] = round(time.time() - t0, 1)
         t = t if split == "eval" else f"{split}:{t}"
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
                         "at 32 took 22 GB: use 8). The answers do not depend on it; the mismatched control pairs each document "
                         "with the next one in its batch")
     p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
+    p.add_argument("--eval-conditions", default=",".join(EVAL_CONDITIONS),
+                   help="conditions of the diagnostic table; no_context and full_context do not depend on the hypernetwork, so a "
+                        "run comparing networks on the same tasks may leave them out (about 40 %% of the evaluation time)")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
@@ -146,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
                         "of an H200 (session 5) and jobs sharing the GPU ran out of memory; whether it needs that much "
                         "or caches it was not measured")
     args = p.parse_args(argv)
+    conditions = tuple(c for c in args.eval_conditions.split(",") if c)
+    if not conditions or set(conditions) - set(EVAL_CONDITIONS):
+        p.error(f"--eval-conditions must name some of {','.join(EVAL_CONDITIONS)}, got {args.eval_conditions!r}")
     if args.eval_batch < 2:
         p.error(f"--eval-batch must be >= 2 (the mismatched control pairs documents within a batch), got {args.eval_batch}")
     if args.gpu_memory_fraction and torch.cuda.is_available():
@@ -200,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     table = {}
     if args.eval:
         table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
-                         task_kwargs=task_kwargs, batch_size=args.eval_batch)
+                         task_kwargs=task_kwargs, batch_size=args.eval_batch, conditions=conditions)
     if args.eval_train:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
                               f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train",
-                              batch_size=args.eval_batch))
+                              batch_size=args.eval_batch, conditions=conditions))
     if trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))

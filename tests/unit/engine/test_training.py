@@ -708,3 +708,22 @@ def test_greedy_eval_answers_do_not_depend_on_its_batch_size(tiny_base):
     for cond in ("no_context", "full_context", "d2l", "bias_only"):
         assert tables[0]["accuracy"][cond] == tables[1]["accuracy"][cond]
         assert tables[0]["samples"][cond] == tables[1]["samples"][cond]
+
+
+def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path):
+    """--eval-conditions leaves out the conditions that do not depend on the network (no_context, full_context)."""
+    from benchmarks.train_d2l import main
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    save_checkpoint(tiny_hypernet(tiny_base), tmp_path / "ckpt")
+    args = ["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "0",
+            "--eval", "facts", "--eval-n", "4", "--eval-batch", "2"]
+    main([*args, "--eval-conditions", "d2l,mismatched"])
+    table = json.loads((tmp_path / "out" / "eval.json").read_text())["facts"]
+    assert set(table["accuracy"]) == {"d2l", "mismatched", "mismatched_leak"} and table["n"] == 4
+    with pytest.raises(SystemExit):
+        main([*args, "--eval-conditions", "d2l,full"])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# There: start one training run per GPU (setsid: they outlive the call), each in /root/runs/<name>/.
+# MIN = training minutes (evaluation and export come after); STEPS = max steps; the runs of $PLAN are below.
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D2L_DATA_DIR=/root/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+MIN=${MIN:-17}; STEPS=${STEPS:-2500}; PLAN=${PLAN:-s13}
+NGPU=$(nvidia-smi -L | wc -l)
+MIX="facts_varied/1:1.0,facts_varied/2-4+d1*3:0.4,facts/1:0.3,facts/2-4+d1:0.25,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
+EVAL=${EVAL:-"text_swap,squad,squad_swap,cloze,facts,facts/4,facts_bio,facts_bio/4,needle_essay/4,needle_para"}
+COMMON=(--base /root/stage --gguf smol.gguf --init d2l_integrations/checkpoints/smollm2-135m-instruct --tasks "$MIX"
+        --skip-wrong-teacher --max-steps "$STEPS" --minutes "$MIN" --eval "$EVAL" --eval-train squad --eval-n 256
+        --eval-conditions d2l,mismatched,bias_only --export)
+case $PLAN in
+  s13) RUNS=("s13b --new-head b --grow-rank 32 --lr 3e-4" "s13a --new-head ab --lr 3e-4"
+             "s13b8 --new-head b --lr 3e-4" "s13bh --new-head b --grow-rank 32 --lr 1e-3") ;;
+  *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
+esac
+for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do
+  read -r name extra <<< "${RUNS[$i]}"
+  mkdir -p /root/runs/$name/out
+  TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
+  CUDA_VISIBLE_DEVICES=$i setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" $extra \
+      --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
+  echo "GPU $i: $name $extra"
+done
+sleep ${FIRST_WAIT:-60}
+for d in /root/runs/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done

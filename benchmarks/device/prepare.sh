@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Here: split the default GGUF into four parts, pack the shared data, fetch the gguf wheel for the device's Python 3.12.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx '/.stage/' .git/info/exclude 2>/dev/null || echo /.stage/ >> .git/info/exclude
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+GGUF=$(.venv/bin/python -c "from d2l_integrations.engine.base_model import default_gguf_path; print(default_gguf_path())" 2>/dev/null \
+       || find .venv -name '*.gguf' -size +50M | head -1)
+test -f "$GGUF" || { echo "no GGUF found: run make setup first" >&2; exit 1; }
+rm -rf .stage/a .stage/b .stage/c .stage/d && mkdir -p .stage/a .stage/b .stage/c .stage/d
+split -n 4 -d "$GGUF" .stage/smol.part
+for i in 0 1 2 3; do mv .stage/smol.part0$i .stage/$(echo abcd | cut -c$((i + 1)))/; done
+DATA=${D2L_DATA_DIR:-../shared/data}
+tar -C "$DATA" -czf .stage/d/data.tgz magic_number_niah needle_haystack plain_texts squad wikitext2
+mkdir -p .whl && ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl gguf
+du -sh .stage/? .whl

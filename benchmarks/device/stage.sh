@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# There: keep GGUF part $1 (a..d) under /root/stage; with part d, join and check the GGUF, unpack data, install wheels.
+set -euo pipefail
+part=$1
+mkdir -p /root/stage
+cp .stage/$part/smol.part0* /root/stage/
+if [ "$part" = d ]; then
+  cat /root/stage/smol.part0? > /root/stage/smol.gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/stage/smol.gguf" | sha256sum -c
+  mkdir -p /root/data && tar -C /root/data -xzf .stage/d/data.tgz
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+ls -la /root/stage; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
