@@ -538,7 +538,7 @@ class DistillationTrainer:
         path = self.out_dir / "teacher_answers.json" if self.out_dir is not None else None
         if path is not None and path.is_file():
             self._teacher_answers.update({tuple(k): v for k, v in json.loads(path.read_text())})
-        todo = [e for task in self.train_data.tasks for e in getattr(getattr(task, "task", task), "teacher_examples", list)()]
+        todo = [e for task in self.train_data.tasks for e in getattr(_innermost(task), "teacher_examples", list)()]
         todo = [e for e in todo if _teacher_key(e) not in self._teacher_answers]
         for i in range(0, len(todo), batch_size):
             self.fill_teacher_responses(todo[i:i + batch_size], batch_size=batch_size)
