@@ -97,14 +97,18 @@ class ComposedLoRA(_RowLoRA):
     def refresh(self) -> None:
         """Recompute the composed factors from the current parameters (call before every forward)."""
         net = self.net
-        def unit(z: torch.Tensor) -> torch.Tensor:
-            z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-            return z if self.gain is None else z * self.gain
+        if net.config.head_type == "b":  # no normalisation in this head: the gain scales z, and z's size counts
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                return net.decode(z if self.gain is None else z * self.gain)
+        else:
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                z = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+                return net.head(z if self.gain is None else z * self.gain)
 
-        z = unit(self.z)
-        factors = net.split(net.head(z))  # module -> (A [C, L, r, d_in], B [C, L, r, d_out])
-        if self.z_b is not None:  # untied: B rows from their own latents
-            from_b = net.split(net.head(unit(self.z_b)))
+        z = self.z
+        factors = net.split(decode(z))  # module -> (A [C, L, r, d_in], B [C, L, r, d_out])
+        if self.z_b is not None:  # untied: B rows from their own latents (for "b", A is the layer's own anyway)
+            from_b = net.split(decode(self.z_b))
             factors = {m: (A, from_b[m][1]) for m, (A, _) in factors.items()}
         bias = net.bias_factors()
         alpha, C = float(net.config.lora_alpha), z.shape[0]

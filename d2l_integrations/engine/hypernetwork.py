@@ -388,7 +388,11 @@ class Hypernetwork(nn.Module):
         ``head_type="b"``: ResMLP, then B rows ``(W_l + U_j)^T z / sqrt(D)`` (no per-latent normalisation, so a
         document can make a rank larger or smaller): ``[n, L, M, r, d_out]``.
         """
-        z = self.layers(lora_embeddings)
+        return self.decode(self.layers(lora_embeddings))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The head alone, on the ResMLP's output ``z`` ``[n, L, M, r, D]``: what ``project`` does after the ResMLP
+        (``benchmarks.latent_refine`` optimises ``z`` through it)."""
         if self.config.head_type == "b":  # a fixed 1/sqrt(D): latents keep their size, per-step changes of B stay as with "ab"
             z = z / math.sqrt(self.config.latent_size)
             return self.head(z) + torch.einsum("nlmrd,mrde->nlmre", z, self.slot_head)  # type: ignore[no-any-return]

@@ -223,3 +223,29 @@ def test_b_only_variants_keep_a_at_its_init_and_lower_the_loss(setup, variant) -
     snaps, kl = refine(base, cfg, data, paths, variant, internalizer=None, texts=DOCS, latent_lr=LR_B, snapshot_steps=[4], rand_width=4)
     assert len(snaps[4]) == 2 and len(kl) == 2  # runs without a hypernetwork
     assert all(torch.count_nonzero(a.weights[paths[0]].lora_B) > 0 for a in snaps[4])
+
+
+@pytest.fixture(scope="module")
+def setup_b(setup):  # noqa: ANN001, ANN201
+    """``setup`` with a "b" head (non-zero maps, so the document path is open)."""
+    from d2l_integrations.engine.hypernetwork import replace_head
+
+    base, hyper, distill, data = setup
+    torch.manual_seed(1)
+    net = replace_head(hyper.hypernetwork, "b")
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.3)
+        net.slot_head.normal_(0, 0.3)
+    return base, HypernetworkInternalizer(net.eval(), checkpoint_id="tiny-b"), distill, data
+
+
+@pytest.mark.parametrize("variant", ["head", "head_gain"])
+def test_a_b_head_starts_at_its_own_adapter_and_its_latents_train(setup_b, variant) -> None:  # noqa: ANN001
+    """The probe decodes through ``Hypernetwork.decode``: for a "b" head, z without normalisation."""
+    base, hyper, distill, data = setup_b
+    lora, trainer = _composed(setup_b, train_latents=True, free=False, gain=variant == "head_gain")
+    composed = [composed_adapter(base, data[c], trainer.final_factors(c), variant) for c in range(2)]
+    own = hyper.internalize_chunks(base, DOCS)
+    torch.testing.assert_close(_logits(base, composed), _logits(base, own), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_logits(base, own), _logits(base, [None, None]))
+    _assert_training_lowers_the_loss(base, lora, trainer, data)
