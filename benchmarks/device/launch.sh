@@ -7,12 +7,19 @@ MIN=${MIN:-17}; STEPS=${STEPS:-2500}; PLAN=${PLAN:-s13}
 NGPU=$(nvidia-smi -L | wc -l)
 MIX="facts_varied/1:1.0,facts_varied/2-4+d1*3:0.4,facts/1:0.3,facts/2-4+d1:0.25,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
 EVAL=${EVAL:-"text_swap,squad,squad_swap,cloze,facts,facts/4,facts_bio,facts_bio/4,needle_essay/4,needle_para"}
-COMMON=(--base /root/stage --gguf smol.gguf --init d2l_integrations/checkpoints/smollm2-135m-instruct --tasks "$MIX"
+SHIPPED=d2l_integrations/checkpoints/smollm2-135m-instruct
+COMMON=(--base /root/stage --gguf smol.gguf --tasks "$MIX"
         --skip-wrong-teacher --max-steps "$STEPS" --minutes "$MIN" --eval "$EVAL" --eval-train squad --eval-n 256
         --eval-conditions d2l,mismatched,bias_only --export)
 case $PLAN in
-  s13) RUNS=("s13b --new-head b --grow-rank 32 --lr 3e-4" "s13a --new-head ab --lr 3e-4"
-             "s13b8 --new-head b --lr 3e-4" "s13bh --new-head b --grow-rank 32 --lr 1e-3") ;;
+  # session 12: fresh heads on S10s2's encoder
+  s13) RUNS=("s13b --init $SHIPPED --new-head b --grow-rank 32 --lr 3e-4" "s13a --init $SHIPPED --new-head ab --lr 3e-4"
+             "s13b8 --init $SHIPPED --new-head b --lr 3e-4" "s13bh --init $SHIPPED --new-head b --grow-rank 32 --lr 1e-3") ;;
+  # session 13: continue session 12's heads for as many steps again (b against the ab control), and b with twice the
+  # encoder latents (with the b head's higher ceiling, the encoder is the limit); needs /root/ckpt/s13{b,a}
+  # (stage.sh ckpt_s13b etc.; restore them here first with benchmarks/device/restore_ckpt.sh)
+  s14) RUNS=("s14b --init /root/ckpt/s13b --lr 3e-4" "s14a --init /root/ckpt/s13a --lr 3e-4"
+             "s14bL --init /root/ckpt/s13b --grow-latents 2 --lr 3e-4" "s14bL4 --init /root/ckpt/s13b --grow-latents 4 --lr 3e-4") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # There: keep GGUF part $1 (a..d) under /root/stage; with part d, join and check the GGUF, unpack data, install wheels.
+# `stage.sh ckpt_NAME`: keep the checkpoint folder .stage/ckpt_NAME as /root/ckpt/NAME (an --init for launch.sh).
 set -euo pipefail
 part=$1
+if [[ $part == ckpt_* ]]; then
+  mkdir -p /root/ckpt && rm -rf /root/ckpt/${part#ckpt_} && cp -r .stage/$part /root/ckpt/${part#ckpt_} && ls -la /root/ckpt/*
+  exit 0
+fi
 mkdir -p /root/stage
 cp .stage/$part/smol.part0* /root/stage/
 if [ "$part" = d ]; then
