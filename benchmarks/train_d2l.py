@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-conditions", default=",".join(EVAL_CONDITIONS),
                    help="conditions of the diagnostic table; no_context and full_context do not depend on the hypernetwork, so a "
                         "run comparing networks on the same tasks may leave them out (about 40 %% of the evaluation time)")
+    p.add_argument("--train-pool", type=int, default=0,
+                   help="train on a fixed pool of the mix's first N examples instead of fresh ones (TrainingConfig.train_pool): "
+                        "the capacity probe. The evaluation then adds 'pool', the fit on up to --eval-n of the pool's documents")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = _parse_tasks(args.tasks)
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
-                         skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight)
+                         skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool)
     cache = Path(args.work) / "teacher_answers.json"
     if args.teacher_answers and not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -213,13 +216,20 @@ def main(argv: list[str] | None = None) -> None:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
                               f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train",
                               batch_size=args.eval_batch, conditions=conditions))
+    if args.train_pool and trainer.is_main:  # the fit on the pool itself: scored as the tasks are, contains-accuracy and F1
+        docs = trainer.train_data.documents()[:args.eval_n]
+        res = greedy_eval(trainer, docs, batch_size=args.eval_batch, max_new_tokens=32, conditions=conditions, scorer=f1_score)
+        table["pool"] = res
+        print(json.dumps({"eval": "pool", "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
+                          "f1": {k: round(v, 1) for k, v in res["score"].items()}}), flush=True)
     if trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))
         if args.export:
             summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
                        **({"new_head": args.new_head} if args.new_head else {}),
-                       **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                       **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
+                       **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

@@ -15,11 +15,12 @@ case $PLAN in
   # session 12: fresh heads on S10s2's encoder
   s13) RUNS=("s13b --init $SHIPPED --new-head b --grow-rank 32 --lr 3e-4" "s13a --init $SHIPPED --new-head ab --lr 3e-4"
              "s13b8 --init $SHIPPED --new-head b --lr 3e-4" "s13bh --init $SHIPPED --new-head b --grow-rank 32 --lr 1e-3") ;;
-  # session 13: continue session 12's heads for as many steps again (b against the ab control), and b with twice the
-  # encoder latents (with the b head's higher ceiling, the encoder is the limit); needs /root/ckpt/s13{b,a}
+  # session 13: continue session 12's heads for as many steps again (b against the ab control), b with twice the
+  # encoder latents (with the b head's higher ceiling, the encoder is the limit), and b on a fixed pool of 512 examples
+  # (the capacity probe: can it fit a small set at all?); needs /root/ckpt/s13{b,a}
   # (stage.sh ckpt_s13b etc.; restore them here first with benchmarks/device/restore_ckpt.sh)
   s14) RUNS=("s14b --init /root/ckpt/s13b --lr 3e-4" "s14a --init /root/ckpt/s13a --lr 3e-4"
-             "s14bL --init /root/ckpt/s13b --grow-latents 2 --lr 3e-4" "s14bL4 --init /root/ckpt/s13b --grow-latents 4 --lr 3e-4") ;;
+             "s14bL --init /root/ckpt/s13b --grow-latents 2 --lr 3e-4" "s14bP --init /root/ckpt/s13b --train-pool 512 --lr 3e-4") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do

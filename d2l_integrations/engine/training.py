@@ -68,7 +68,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from d2l_integrations.engine.training_data import Example, TaskMix, apply_renames, make_task, one_question_per_document
+from d2l_integrations.engine.training_data import (
+    Example,
+    PooledMix,
+    TaskMix,
+    apply_renames,
+    make_task,
+    one_question_per_document,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,8 @@ class TrainingConfig:
             ``teacher_response``); they are generated once per (document, question) and cached.
         skip_wrong_teacher: drop examples whose teacher answer contains none of the gold answers
             (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
+        train_pool: 0 draws fresh examples every step; N > 0 trains on a fixed pool of the mix's first N
+            examples (``training_data.PooledMix``): the capacity probe, whether the network can fit a small set.
         recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
             (the ``targets`` task): ``1 - cosine`` between the generated document delta and the
             target's (``delta_cosine``: direction only, all layers). 0 turns it off.
@@ -131,8 +140,12 @@ class TrainingConfig:
     teacher_max_new_tokens: int = 40
     skip_wrong_teacher: bool = False
     recon_weight: float = 0.0
+    train_pool: int = 0
 
     def __post_init__(self) -> None:
+        if self.train_pool < 0 or self.train_pool == 1:
+            msg = f"train_pool must be 0 (fresh examples every step) or >= 2, got {self.train_pool}."
+            raise ValueError(msg)
         if not (math.isfinite(self.recon_weight) and self.recon_weight >= 0):
             msg = f"recon_weight must be a finite number >= 0, got {self.recon_weight}."
             raise ValueError(msg)
@@ -437,8 +450,8 @@ class DistillationTrainer:
         except ImportError:
             self._default_features = lambda hs: default_features(hs, self.num_layers)
         kw = config.task_kwargs
-        self.train_data = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed,
-                                  stream=self.rank)
+        mix = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed, stream=self.rank)
+        self.train_data: TaskMix | PooledMix = PooledMix(mix, config.train_pool) if config.train_pool else mix
         self.eval_sets: dict[str, list[Example]] = {}  # one question per document, so the mismatched control is another document
         for t, _ in config.tasks:
             name = one_question_per_document(t)

@@ -978,3 +978,31 @@ class TaskMix:
     def fixed(self, n: int, *, step: int = 0) -> list[Example]:
         """A fixed list of ``n`` examples (validation / evaluation sets)."""
         return self.batch(step, n)
+
+
+POOL_STEP = 2**40  # the pool is the batch of this step: no training step draws it
+
+
+class PooledMix:
+    """A ``TaskMix`` cut down to a fixed pool of ``size`` examples, drawn once: the capacity probe (can the network
+    fit a small set of documents at all?). Every step draws its batch from the pool at random, without replacement
+    within the batch; ``batch(step)`` stays a pure function of ``(seed, step, stream)``, and every data-parallel
+    rank shares the pool (drawn on stream 0) but not the batches.
+    """
+
+    def __init__(self, mix: TaskMix, size: int) -> None:
+        if size < 2:
+            msg = f"A training pool needs at least 2 examples (the mismatched control pairs two documents), got {size}."
+            raise ValueError(msg)
+        self.tasks, self.seed, self.stream = mix.tasks, mix.seed, mix.stream
+        self.pool = TaskMix([(t, w) for t, w in zip(mix.tasks, mix.weights, strict=True)], seed=mix.seed).batch(POOL_STEP, size)
+
+    def batch(self, step: int, size: int) -> list[Example]:
+        rng = np.random.default_rng([self.seed, step, self.stream, 1])
+        picks = rng.choice(len(self.pool), size=size, replace=size > len(self.pool))
+        return [self.pool[int(i)] for i in picks]
+
+    def documents(self) -> list[Example]:
+        """One example per distinct document of the pool, in pool order (to score the fit on the pool)."""
+        seen: set[str] = set()
+        return [e for e in self.pool if not (e.doc in seen or seen.add(e.doc))]

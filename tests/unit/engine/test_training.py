@@ -743,3 +743,60 @@ def test_precompute_finds_the_teacher_questions_under_nested_wrappers(tiny_base,
     inner = trainer.train_data.tasks[0].task.task
     assert isinstance(inner, SquadSwapTask)
     assert trainer.precompute_teacher_responses() == len(asked) == len(inner.teacher_examples()) > 100
+
+
+def test_pooled_mix_trains_on_a_fixed_pool_shared_by_every_rank():
+    from d2l_integrations.engine.training_data import PooledMix
+
+    mix = TaskMix([(FactsTask(), 1.0), (NeedleTask(), 1.0)], seed=5)
+    pooled = PooledMix(mix, 6)
+    pool_ids = {id(e) for e in pooled.pool}
+    assert len(pooled.pool) == 6 and pooled.tasks == mix.tasks
+    batches = [pooled.batch(step, 4) for step in range(20)]
+    assert all(id(e) in pool_ids for b in batches for e in b)  # nothing outside the pool
+    assert all(len({id(e) for e in b}) == 4 for b in batches)  # no repeats within a batch (pool >= batch)
+    assert {id(e) for b in batches for e in b} == pool_ids  # and the pool is visited
+    assert [e.doc for e in pooled.batch(3, 4)] == [e.doc for e in batches[3]]  # a pure function of the step
+    assert [e.doc for e in PooledMix(mix, 6).pool] == [e.doc for e in pooled.pool]  # the same pool when resumed
+    rank1 = PooledMix(TaskMix([(FactsTask(), 1.0), (NeedleTask(), 1.0)], seed=5, stream=1), 6)
+    assert [e.doc for e in rank1.pool] == [e.doc for e in pooled.pool]  # every rank shares the pool...
+    assert [[e.doc for e in rank1.batch(s, 4)] for s in range(5)] != [[e.doc for e in b] for b in batches[:5]]  # ...not the batches
+    assert len(PooledMix(mix, 3).batch(0, 8)) == 8  # a pool smaller than the batch repeats examples
+    docs = pooled.documents()
+    assert len({e.doc for e in docs}) == len(docs) == len({e.doc for e in pooled.pool})
+    with pytest.raises(ValueError, match="at least 2"):
+        PooledMix(mix, 1)
+    with pytest.raises(ValueError, match="train_pool"):
+        config(train_pool=1)
+
+
+def test_train_d2l_fits_a_pool_and_scores_the_fit(tiny_base, tmp_path):
+    """--train-pool: the trainer sees only the pool, and the evaluation adds the fit on the pool's documents."""
+    from benchmarks.train_d2l import main
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    save_checkpoint(tiny_hypernet(tiny_base), tmp_path / "ckpt")
+    main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+          "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "3",
+          "--train-pool", "3", "--eval-n", "4", "--eval-batch", "2", "--eval-conditions", "d2l,mismatched", "--export"])
+    table = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(table) == {"pool"} and table["pool"]["n"] == 2  # 3 documents, in batches of 2: the odd one is left out
+    assert set(table["pool"]["accuracy"]) == {"d2l", "mismatched", "mismatched_leak"}
+    summary = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())["metadata"]["data_summary"]
+    assert summary["train_pool"] == 3
+
+
+def test_trainer_with_a_pool_steps_on_pool_examples_only(tiny_base):
+    from d2l_integrations.engine.training_data import PooledMix
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(train_pool=4, batch_size=3))
+    assert isinstance(trainer.train_data, PooledMix)
+    docs = {e.doc for e in trainer.train_data.pool}
+    seen = []
+    real = trainer.train_data.batch
+    trainer.train_data.batch = lambda step, size: seen.extend(real(step, size)) or real(step, size)  # record, then serve
+    trainer.train(max_steps=3)
+    assert trainer.step == 3 and len(seen) == 9 and {e.doc for e in seen} <= docs
