@@ -546,12 +546,15 @@ class DistillationTrainer:
 
     def precompute_teacher_responses(self, *, batch_size: int = 128) -> int:
         """Generate the teacher's answers for every question of the training tasks that enumerate
-        theirs (``task.teacher_examples()``), in large batches, before training; cached in
+        theirs (``task.teacher_examples()``; with ``train_pool``, the pool's), in large batches, before training; cached in
         ``out_dir/teacher_answers.json`` so a resumed run does not redo them. Returns how many."""
         path = self.out_dir / "teacher_answers.json" if self.out_dir is not None else None
         if path is not None and path.is_file():
             self._teacher_answers.update({tuple(k): v for k, v in json.loads(path.read_text())})
-        todo = [e for task in self.train_data.tasks for e in getattr(_innermost(task), "teacher_examples", list)()]
+        if isinstance(self.train_data, PooledMix):  # only the pool is ever trained on
+            todo = [e for e in self.train_data.pool if e.teacher_response and not e.response]
+        else:
+            todo = [e for task in self.train_data.tasks for e in getattr(_innermost(task), "teacher_examples", list)()]
         todo = [e for e in todo if _teacher_key(e) not in self._teacher_answers]
         for i in range(0, len(todo), batch_size):
             self.fill_teacher_responses(todo[i:i + batch_size], batch_size=batch_size)

@@ -743,6 +743,11 @@ def test_precompute_finds_the_teacher_questions_under_nested_wrappers(tiny_base,
     inner = trainer.train_data.tasks[0].task.task
     assert isinstance(inner, SquadSwapTask)
     assert trainer.precompute_teacher_responses() == len(asked) == len(inner.teacher_examples()) > 100
+    pooled = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("squad_swap/1-2+d1*5", 1.0),), eval_size=2,
+                                                                              train_pool=6))
+    asked.clear()
+    monkeypatch.setattr(pooled, "fill_teacher_responses", lambda exs, batch_size: asked.extend(exs))
+    assert pooled.precompute_teacher_responses() == len(asked) == 6  # with a pool, only the pool's questions
 
 
 def test_pooled_mix_trains_on_a_fixed_pool_shared_by_every_rank():
