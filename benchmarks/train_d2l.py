@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="conditions of the diagnostic table; no_context and full_context do not depend on the hypernetwork, so a "
                         "run comparing networks on the same tasks may leave them out (about 40 %% of the evaluation time)")
     p.add_argument("--train-pool", type=int, default=0,
-                   help="train on a fixed pool of the mix's first N examples instead of fresh ones (TrainingConfig.train_pool): "
+                   help="train on a fixed pool of N documents drawn once from the mix, with all their questions, instead of fresh ones "
+                        "(TrainingConfig.train_pool): "
                         "the capacity probe. The evaluation then adds 'pool', the fit on up to --eval-n of the pool's documents")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")

@@ -110,8 +110,8 @@ class TrainingConfig:
             ``teacher_response``); they are generated once per (document, question) and cached.
         skip_wrong_teacher: drop examples whose teacher answer contains none of the gold answers
             (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
-        train_pool: 0 draws fresh examples every step; N > 0 trains on a fixed pool of the mix's first N
-            examples (``training_data.PooledMix``): the capacity probe, whether the network can fit a small set.
+        train_pool: 0 draws fresh examples every step; N > 0 trains on a fixed pool of N documents drawn once
+            from the mix (``training_data.PooledMix``): the capacity probe, whether the network can fit a small set.
         recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
             (the ``targets`` task): ``1 - cosine`` between the generated document delta and the
             target's (``delta_cosine``: direction only, all layers). 0 turns it off.

@@ -984,18 +984,30 @@ POOL_STEP = 2**40  # the pool is the batch of this step: no training step draws 
 
 
 class PooledMix:
-    """A ``TaskMix`` cut down to a fixed pool of ``size`` examples, drawn once: the capacity probe (can the network
-    fit a small set of documents at all?). Every step draws its batch from the pool at random, without replacement
-    within the batch; ``batch(step)`` stays a pure function of ``(seed, step, stream)``, and every data-parallel
-    rank shares the pool (drawn on stream 0) but not the batches.
+    """A ``TaskMix`` cut down to a fixed pool of ``size`` documents, drawn once with all the rows the mix gave them
+    (a ``*k`` task gives k questions about one document): the capacity probe, whether the network can fit a small
+    set of documents at all. Every step draws its batch from the pool's rows at random, without replacement within
+    the batch; ``batch(step)`` stays a pure function of ``(seed, step, stream)``, and every data-parallel rank
+    shares the pool (drawn on stream 0) but not the batches.
     """
 
     def __init__(self, mix: TaskMix, size: int) -> None:
         if size < 2:
-            msg = f"A training pool needs at least 2 examples (the mismatched control pairs two documents), got {size}."
+            msg = f"A training pool needs at least 2 documents (the mismatched control pairs two), got {size}."
             raise ValueError(msg)
         self.tasks, self.seed, self.stream = mix.tasks, mix.seed, mix.stream
-        self.pool = TaskMix([(t, w) for t, w in zip(mix.tasks, mix.weights, strict=True)], seed=mix.seed).batch(POOL_STEP, size)
+        source = TaskMix([(t, w) for t, w in zip(mix.tasks, mix.weights, strict=True)], seed=mix.seed)
+        docs: dict[str, None] = {}
+        self.pool: list[Example] = []
+        for step in range(POOL_STEP, POOL_STEP + 100 * size):
+            for e in source.batch(step, size):
+                if e.doc in docs or len(docs) < size:
+                    docs.setdefault(e.doc)
+                    self.pool.append(e)
+            if len(docs) == size:
+                return
+        msg = f"The mix gave only {len(docs)} distinct documents for a pool of {size}: use a smaller pool."
+        raise ValueError(msg)
 
     def batch(self, step: int, size: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, step, self.stream, 1])
@@ -1003,6 +1015,6 @@ class PooledMix:
         return [self.pool[int(i)] for i in picks]
 
     def documents(self) -> list[Example]:
-        """One example per distinct document of the pool, in pool order (to score the fit on the pool)."""
+        """One example per document of the pool, in pool order (to score the fit on the pool)."""
         seen: set[str] = set()
         return [e for e in self.pool if not (e.doc in seen or seen.add(e.doc))]

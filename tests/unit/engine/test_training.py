@@ -747,28 +747,29 @@ def test_precompute_finds_the_teacher_questions_under_nested_wrappers(tiny_base,
                                                                               train_pool=6))
     asked.clear()
     monkeypatch.setattr(pooled, "fill_teacher_responses", lambda exs, batch_size: asked.extend(exs))
-    assert pooled.precompute_teacher_responses() == len(asked) == 6  # with a pool, only the pool's questions
+    assert pooled.precompute_teacher_responses() == len(asked) == len(pooled.train_data.pool) < 100  # only the pool's
 
 
 def test_pooled_mix_trains_on_a_fixed_pool_shared_by_every_rank():
-    from d2l_integrations.engine.training_data import PooledMix
+    from d2l_integrations.engine.training_data import FactsVariedTask, GroupedTask, PooledMix
 
-    mix = TaskMix([(FactsTask(), 1.0), (NeedleTask(), 1.0)], seed=5)
+    mix = TaskMix([(FactsTask(), 1.0), (NeedleTask(), 1.0), (GroupedTask(FactsVariedTask(), 4), 1.0)], seed=5)
     pooled = PooledMix(mix, 6)
     pool_ids = {id(e) for e in pooled.pool}
-    assert len(pooled.pool) == 6 and pooled.tasks == mix.tasks
-    batches = [pooled.batch(step, 4) for step in range(20)]
+    assert len({e.doc for e in pooled.pool}) == 6 and pooled.tasks == mix.tasks  # size counts documents...
+    assert len(pooled.pool) > 6  # ...with every row the mix gave them (the grouped task asks 4 questions of one)
+    batches = [pooled.batch(step, 4) for step in range(40)]
     assert all(id(e) in pool_ids for b in batches for e in b)  # nothing outside the pool
     assert all(len({id(e) for e in b}) == 4 for b in batches)  # no repeats within a batch (pool >= batch)
     assert {id(e) for b in batches for e in b} == pool_ids  # and the pool is visited
     assert [e.doc for e in pooled.batch(3, 4)] == [e.doc for e in batches[3]]  # a pure function of the step
     assert [e.doc for e in PooledMix(mix, 6).pool] == [e.doc for e in pooled.pool]  # the same pool when resumed
-    rank1 = PooledMix(TaskMix([(FactsTask(), 1.0), (NeedleTask(), 1.0)], seed=5, stream=1), 6)
+    rank1 = PooledMix(TaskMix(list(zip(mix.tasks, mix.weights, strict=True)), seed=5, stream=1), 6)
     assert [e.doc for e in rank1.pool] == [e.doc for e in pooled.pool]  # every rank shares the pool...
     assert [[e.doc for e in rank1.batch(s, 4)] for s in range(5)] != [[e.doc for e in b] for b in batches[:5]]  # ...not the batches
-    assert len(PooledMix(mix, 3).batch(0, 8)) == 8  # a pool smaller than the batch repeats examples
+    assert len(PooledMix(mix, 2).batch(0, 64)) == 64  # a pool smaller than the batch repeats rows
     docs = pooled.documents()
-    assert len({e.doc for e in docs}) == len(docs) == len({e.doc for e in pooled.pool})
+    assert len(docs) == 6 and len({e.doc for e in docs}) == 6
     with pytest.raises(ValueError, match="at least 2"):
         PooledMix(mix, 1)
     with pytest.raises(ValueError, match="train_pool"):
@@ -788,7 +789,7 @@ def test_train_d2l_fits_a_pool_and_scores_the_fit(tiny_base, tmp_path):
           "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "3",
           "--train-pool", "3", "--eval-n", "4", "--eval-batch", "2", "--eval-conditions", "d2l,mismatched", "--export"])
     table = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert set(table) == {"pool"} and table["pool"]["n"] == 2  # 3 documents, in batches of 2: the odd one is left out
+    assert set(table) == {"pool"} and table["pool"]["n"] == 2  # 3 documents in batches of 2: the odd one is left out
     assert set(table["pool"]["accuracy"]) == {"d2l", "mismatched", "mismatched_leak"}
     summary = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())["metadata"]["data_summary"]
     assert summary["train_pool"] == 3
