@@ -60,6 +60,14 @@ def _max_new_tokens(task: str) -> int:
     return 24
 
 
+def _print_result(name: str, res: dict) -> None:
+    """One evaluated task as a JSON line (rounded tables and a few sample answers)."""
+    print(json.dumps({"eval": name, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
+                      "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()},
+                      **({"made_up_recall": {k: round(v, 1) for k, v in res["made_up_recall"].items()}} if "made_up_recall" in res else {}),
+                      "samples": res["samples"]}), flush=True)
+
+
 def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
              split: str = "eval", batch_size: int = 32, conditions: Sequence[str] = EVAL_CONDITIONS) -> dict:
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
@@ -79,10 +87,7 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
         res["seconds"] = round(time.time() - t0, 1)
         t = t if split == "eval" else f"{split}:{t}"
         table[t] = res
-        print(json.dumps({"eval": t, "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
-                          "f1": {k: round(v, 1) for k, v in res.get("score", {}).items()},
-                          **({"made_up_recall": {k: round(v, 1) for k, v in res["made_up_recall"].items()}} if "made_up_recall" in res else {}),
-                          "samples": res["samples"]}), flush=True)
+        _print_result(t, res)
     if trainer.world_size == 1:
         return table
     parts: list[dict] = [{} for _ in range(trainer.world_size)]
@@ -221,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         docs = trainer.train_data.documents()[:args.eval_n]
         res = greedy_eval(trainer, docs, batch_size=args.eval_batch, max_new_tokens=32, conditions=conditions, scorer=f1_score)
         table["pool"] = res
-        print(json.dumps({"eval": "pool", "n": res["n"], "accuracy": {k: round(v, 1) for k, v in res["accuracy"].items()},
-                          "f1": {k: round(v, 1) for k, v in res["score"].items()}}), flush=True)
+        _print_result("pool", res)
     if trainer.is_main:  # rank 0 writes the table, the checkpoint and the logs
         if table:
             (out / "eval.json").write_text(json.dumps(table, indent=1))
