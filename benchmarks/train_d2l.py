@@ -36,13 +36,17 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.metrics import f1_score
-from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
+from d2l_integrations.engine.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from d2l_integrations.engine.training import (
     DistillationTrainer,
     TrainingConfig,
     _parse_tasks,
     add_base_model_arguments,
+    add_data_seed_arguments,
+    check_fresh_data,
+    data_history,
     greedy_eval,
+    history_stage,
     init_data_parallel,
 )
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="train on a fixed pool of N documents drawn once from the mix, with all their questions, instead of fresh ones "
                         "(TrainingConfig.train_pool): "
                         "the capacity probe. The evaluation then adds 'pool', the fit on up to --eval-n of the pool's documents")
+    add_data_seed_arguments(p)
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
@@ -169,6 +174,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
+    tasks = _parse_tasks(args.tasks)
+    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
+                         skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
+                         data_seed=args.data_seed)
+    history = data_history(read_checkpoint_config(args.init)[1].get("data_summary"))
+    if not args.repeat_data:
+        check_fresh_data(history, cfg)
     from d2l_integrations.engine.base_model import load_base_model
 
     data_parallel, device = init_data_parallel(args.device)
@@ -189,11 +203,6 @@ def main(argv: list[str] | None = None) -> None:
         hyper = grow_latents(hyper, args.grow_latents).train()  # each latent repeated (+2 % noise): nearly the same adapters
     for prm in hyper.parameters():
         prm.requires_grad_(True)
-    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
-    tasks = _parse_tasks(args.tasks)
-    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
-                         skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool)
     cache = Path(args.work) / "teacher_answers.json"
     if args.teacher_answers and not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
                        **({"new_head": args.new_head} if args.new_head else {}),
                        **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
-                       **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                       **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
+                       "data_seed": cfg.train_seed, "data_history": [*history, history_stage(cfg, trainer.step)], "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

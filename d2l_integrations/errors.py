@@ -16,6 +16,10 @@ class ConfigError(D2LError, ValueError):
     """A configuration value is invalid or two values do not fit together."""
 
 
+class RepeatedDataError(ConfigError):
+    """A training run would repeat, from step 1, the batches its starting checkpoint was trained on."""
+
+
 class InvalidDocumentError(D2LError, ValueError):
     """A document cannot be internalized: empty, whitespace only, or not text."""
 

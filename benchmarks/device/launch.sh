@@ -21,6 +21,12 @@ case $PLAN in
   # (stage.sh ckpt_s13b etc.; restore them here first with benchmarks/device/restore_ckpt.sh)
   s14) RUNS=("s14b --init /root/ckpt/s13b --lr 3e-4" "s14a --init /root/ckpt/s13a --lr 3e-4"
              "s14bL --init /root/ckpt/s13b --grow-latents 2 --lr 3e-4" "s14bP --init /root/ckpt/s13b --train-pool 512 --lr 3e-4") ;;
+  # session 14: every run before this one started at step 1 of data seed 11, so continuations repeated their batches
+  # (session 13). Fresh data seeds against the repeat controls already measured: S11 (S10s2 + 2,500 steps of seed 11,
+  # session 10) and s14b (s13b + 1,987 steps of seed 11, session 13); lr 1e-4; and the mix plus WikiText cloze questions.
+  # needs /root/ckpt/s13b
+  s15) RUNS=("s15 --init $SHIPPED --data-seed 12 --lr 3e-4" "s15b --init /root/ckpt/s13b --data-seed 12 --lr 3e-4"
+             "s15c --init $SHIPPED --data-seed 13 --lr 1e-4" "s15m --init $SHIPPED --data-seed 14 --lr 3e-4 --tasks $MIX,cloze/1-2+d1:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do

@@ -34,8 +34,12 @@ same and also prints the held-out diagnostic table).
 
 State under ``--out``: ``state.pt`` (weights, optimizer, step, config; written atomically every
 ``save_every`` steps and at the end), ``log.jsonl`` (one line per ``log_every`` steps and per
-eval). Re-running the same command resumes; another base model or hypernetwork config stops with
-a clear error. The data position is the step (batches are a pure function of seed and step).
+eval), and at the end ``checkpoint/`` (``save_checkpoint``'s format, what ``D2LEngine.from_pretrained``
+and ``--init`` load; its data summary lists every training stage's mix, data seed and steps).
+Re-running the same command resumes; another base model or hypernetwork config stops with
+a clear error. The data position is the step (batches are a pure function of the data seed and
+step), so a new stage on the same mix takes a new ``--data-seed``: ``--init`` refuses to repeat
+its stages' batches unless ``--repeat-data`` says so.
 
 Data parallel: start the same command under ``torchrun --nproc-per-node N`` (one process per GPU).
 Every process draws its own batches (``TaskMix`` stream = rank), gradients are averaged in one
@@ -76,6 +80,7 @@ from d2l_integrations.engine.training_data import (
     make_task,
     one_question_per_document,
 )
+from d2l_integrations.errors import RepeatedDataError
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,12 @@ class TrainingConfig:
         top_k: if set, the KL uses only the teacher's top-k tokens (renormalised); None = full vocab.
         bucket: sequence lengths are padded up to a multiple of this (fewer distinct shapes).
         max_doc_tokens: documents are truncated to this many tokens (the teacher sees the same).
-        seed: data and init seed.
+        seed: seed of the held-out sets, and of the training batches unless ``data_seed`` is set.
+        data_seed: seed of the training batches (None: ``seed``). Batches are a pure function of
+            (data seed, step), so a stage that continues a checkpoint on the same mix with the same
+            data seed repeats, from step 1, the batches that checkpoint was trained on: give each
+            stage a new one (``check_fresh_data`` refuses the repeat). The held-out sets do not
+            depend on it, so runs with different data seeds are scored on the same examples.
         log_every, eval_every, save_every: in steps.
         eval_size: held-out examples per task for the periodic (teacher-forced) eval.
         system_prompt: None keeps the chat template's default.
@@ -132,6 +142,7 @@ class TrainingConfig:
     bucket: int = 32
     max_doc_tokens: int = 512
     seed: int = 11
+    data_seed: int | None = None
     log_every: int = 25
     eval_every: int = 250
     save_every: int = 250
@@ -156,11 +167,59 @@ class TrainingConfig:
             msg = "tasks is empty: give at least one (task, weight) pair, e.g. (('needle', 1.0),)."
             raise ValueError(msg)
 
+    @property
+    def train_seed(self) -> int:
+        """The seed the training batches are drawn with."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tasks"] = [list(t) for t in self.tasks]
         d["task_kwargs"] = {k: dict(v) for k, v in self.task_kwargs.items()}
         return d
+
+
+# ------------------------------------------------------------------------- data lineage
+def data_history(summary: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The training stages behind a checkpoint, oldest first: ``{"tasks", "data_seed", "steps"[, "train_pool"]}``.
+
+    Read from its data summary (``checkpoint.read_checkpoint_config``'s metadata): ``data_history`` when the summary
+    has one; else one stage from ``tasks`` and ``steps``, with the default seed (summaries written before data seeds
+    were recorded were all trained with it). Empty for a checkpoint with no training record (e.g. an imported one).
+    """
+    if not summary:
+        return []
+    if "data_history" in summary:
+        return [dict(stage) for stage in summary["data_history"]]
+    if "tasks" not in summary:
+        return []
+    stage = {"tasks": [list(t) for t in summary["tasks"]], "data_seed": summary.get("data_seed", TrainingConfig.seed),
+             "steps": summary.get("steps")}
+    return [{**stage, "train_pool": summary["train_pool"]} if summary.get("train_pool") else stage]
+
+
+def history_stage(config: TrainingConfig, steps: int) -> dict[str, Any]:
+    """This run's entry of ``data_history``."""
+    stage = {"tasks": [list(t) for t in config.tasks], "data_seed": config.train_seed, "steps": steps}
+    return {**stage, "train_pool": config.train_pool} if config.train_pool else stage
+
+
+def check_fresh_data(history: Sequence[Mapping[str, Any]], config: TrainingConfig) -> None:
+    """Refuse a run that would repeat an earlier stage's batches: the same task mix and data seed (pools aside).
+
+    Raises:
+        RepeatedDataError: naming the stage and the seeds already used, and what to pass instead.
+    """
+    if config.train_pool:  # a pool is drawn from steps no training stream reaches (training_data.POOL_STEP)
+        return
+    tasks = [list(t) for t in config.tasks]
+    used = sorted({int(h["data_seed"]) for h in history if h.get("data_seed") is not None})
+    for h in history:
+        if not h.get("train_pool") and h.get("data_seed") == config.train_seed and [list(t) for t in h.get("tasks", [])] == tasks:
+            msg = (f"This run would repeat the batches its starting checkpoint was trained on: the same task mix with data "
+                   f"seed {config.train_seed} ({h.get('steps')} steps). Pass a data seed not used before (used: {used}; "
+                   f"e.g. --data-seed {max(used) + 1}) for fresh batches, or --repeat-data to repeat them on purpose.")
+            raise RepeatedDataError(msg)
 
 
 # ------------------------------------------------------------------------- functional LoRA
@@ -450,7 +509,7 @@ class DistillationTrainer:
         except ImportError:
             self._default_features = lambda hs: default_features(hs, self.num_layers)
         kw = config.task_kwargs
-        mix = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.seed, stream=self.rank)
+        mix = TaskMix([(make_task(t, split="train", **kw.get(t, {})), w) for t, w in config.tasks], seed=config.train_seed, stream=self.rank)
         self.train_data: TaskMix | PooledMix = PooledMix(mix, config.train_pool) if config.train_pool else mix
         self.eval_sets: dict[str, list[Example]] = {}  # one question per document, so the mismatched control is another document
         for t, _ in config.tasks:
@@ -994,6 +1053,15 @@ def add_base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available; under torchrun, the local rank's GPU)")
 
 
+def add_data_seed_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data-seed`` and ``--repeat-data``: which batches a run draws, and whether it may repeat its --init's."""
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the training batches (default: TrainingConfig.seed, 11). Continuing a checkpoint on the same mix "
+                        "needs a seed its stages did not use (listed in its data summary's data_history), or it repeats their batches")
+    p.add_argument("--repeat-data", action="store_true",
+                   help="allow repeating the batches --init was trained on (same mix and data seed): a second epoch on purpose")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train a D2L hypernetwork by context distillation.")
     add_base_model_arguments(p)
@@ -1012,11 +1080,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides of SMOLLM2_135M_SHAPE")
     p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
+    add_data_seed_arguments(p)
     p.add_argument("--min-tokens", type=int, default=128, help="needle haystack length, nominal tokens")
     p.add_argument("--max-tokens", type=int, default=512)
     args = p.parse_args(argv)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from d2l_integrations.engine.checkpoint import read_checkpoint_config, save_checkpoint
+
+    tasks = _parse_tasks(args.tasks)
+    lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
+    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
+                         task_kwargs={t: lengths for t, _ in tasks}, data_seed=args.data_seed)
+    history = data_history(read_checkpoint_config(args.init)[1].get("data_summary")) if args.init else []
+    if not args.repeat_data:
+        check_fresh_data(history, cfg)  # before the base model loads
     from d2l_integrations.engine.base_model import load_base_model
     from d2l_integrations.engine.config import HypernetworkConfig
     from d2l_integrations.engine.hypernetwork import Hypernetwork
@@ -1032,17 +1111,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
                                   base_model=base.name, base_model_revision=base.revision, scaler_b_init=args.scaler_b_init, **overrides)
         hyper = Hypernetwork(hcfg).to(base.device)  # overwritten by the saved state when resuming
-    tasks = _parse_tasks(args.tasks)
-    lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
-    cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
-                         task_kwargs={t: lengths for t, _ in tasks})
     trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out, data_parallel=data_parallel)
     if trainer.maybe_resume():
         logger.info("Resumed from %s at step %d", args.out, trainer.step)
     trainer.precompute_teacher_responses()
     deadline = t_start + 60 * args.minutes if args.minutes else None
     trainer.train(deadline=deadline, max_steps=args.steps)
+    if trainer.is_main:  # the loadable checkpoint: D2LEngine.from_pretrained(base, checkpoint=<out>/checkpoint)
+        summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                   "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
+                   "data_seed": cfg.train_seed, "data_history": [*history, history_stage(cfg, trainer.step)], "code": "d2l train"}
+        folder = save_checkpoint(hyper, Path(args.out) / "checkpoint", data_summary=summary, overwrite=True)
+        logger.info("Checkpoint at step %d in %s", trainer.step, folder)
 
 
 if __name__ == "__main__":

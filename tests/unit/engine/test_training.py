@@ -192,6 +192,23 @@ def test_cli_trains_and_resumes(tiny_base, tmp_path):
     main([*args, "--steps", "3"])  # resumes at step 2
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 3 and max(steps) == 3
+    # the run ends with a checkpoint the engine loads, holding the trained weights and its data history
+    from d2l_integrations.engine.base_model import load_base_model
+    from d2l_integrations.engine.checkpoint import load_checkpoint, read_checkpoint_config
+    from d2l_integrations.errors import RepeatedDataError
+
+    net = load_checkpoint(tmp_path / "run" / "checkpoint", load_base_model(str(folder), device="cpu"))
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert all(torch.equal(v, state["hypernet"][k]) for k, v in net.state_dict().items())
+    summary = read_checkpoint_config(tmp_path / "run" / "checkpoint")[1]["data_summary"]
+    assert summary["steps"] == 3 and summary["data_history"] == [{"tasks": [["needle_alone", 1.0]], "data_seed": 11, "steps": 3}]
+    more = ["--base", str(folder), "--device", "cpu", "--tasks", "needle_alone", "--batch-size", "2", "--steps", "1",
+            "--init", str(tmp_path / "run" / "checkpoint")]
+    with pytest.raises(RepeatedDataError, match="--data-seed 12"):  # a next stage on the same mix and seed is refused
+        main([*more, "--out", str(tmp_path / "next")])
+    main([*more, "--out", str(tmp_path / "next"), "--data-seed", "12"])
+    history = read_checkpoint_config(tmp_path / "next" / "checkpoint")[1]["data_summary"]["data_history"]
+    assert [h["data_seed"] for h in history] == [11, 12]
 
 
 def test_empty_rows_are_skipped_and_counted(tiny_base):
@@ -806,3 +823,54 @@ def test_trainer_with_a_pool_steps_on_pool_examples_only(tiny_base):
     trainer.train_data.batch = lambda step, size: seen.extend(real(step, size)) or real(step, size)  # record, then serve
     trainer.train(max_steps=3)
     assert trainer.step == 3 and len(seen) == 9 and {e.doc for e in seen} <= docs
+
+
+def test_data_seed_draws_new_batches_and_keeps_the_held_out_sets(tiny_base):
+    plain = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    same = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(data_seed=11))  # the default seed, named
+    fresh = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(data_seed=12))
+    docs = lambda t: [[e.doc for e in t.train_data.batch(s, 4)] for s in range(3)]  # noqa: E731
+    assert docs(same) == docs(plain) and docs(fresh) != docs(plain)
+    assert {k: [e.doc for e in v] for k, v in fresh.eval_sets.items()} == {k: [e.doc for e in v] for k, v in plain.eval_sets.items()}
+
+
+def test_check_fresh_data_refuses_to_repeat_a_stage():
+    from d2l_integrations.engine.training import check_fresh_data, data_history, history_stage
+    from d2l_integrations.errors import RepeatedDataError
+
+    mix = [["facts", 1.0], ["needle_alone", 0.5]]
+    old = {"tasks": mix, "steps": 2000, "init": "x"}  # written before data seeds were recorded: the default seed
+    assert data_history(old) == [{"tasks": mix, "data_seed": 11, "steps": 2000}]
+    assert data_history(None) == [] and data_history({"source": "sakana"}) == []
+    cfg = config(tasks=(("facts", 1.0), ("needle_alone", 0.5)))
+    with pytest.raises(RepeatedDataError, match=r"data seed 11 \(2000 steps\).*--data-seed 12"):
+        check_fresh_data(data_history(old), cfg)
+    check_fresh_data(data_history(old), config(tasks=(("facts", 1.0), ("needle_alone", 0.5)), data_seed=12))  # fresh batches
+    check_fresh_data(data_history(old), config(tasks=(("facts", 1.0),)))  # another mix draws other batches
+    check_fresh_data(data_history(old), config(tasks=(("facts", 1.0), ("needle_alone", 0.5)), train_pool=4))  # pools aside
+    history = [*data_history(old), history_stage(config(tasks=cfg.tasks, data_seed=12), 500)]
+    assert data_history({"data_history": history, "tasks": mix}) == history  # a recorded history wins
+    with pytest.raises(RepeatedDataError, match=r"used: \[11, 12\]; e\.g\. --data-seed 13"):
+        check_fresh_data(history, config(tasks=cfg.tasks, data_seed=12))
+
+
+def test_train_d2l_records_the_data_history_and_refuses_a_repeat(tiny_base, tmp_path):
+    from benchmarks.train_d2l import main
+    from d2l_integrations.engine.checkpoint import save_checkpoint
+    from d2l_integrations.errors import RepeatedDataError
+
+    folder = tmp_path / "tiny"
+    tiny_base.model.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    save_checkpoint(tiny_hypernet(tiny_base), tmp_path / "ckpt", data_summary={"tasks": [["facts", 1.0]], "steps": 7})
+    common = ["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--tasks", "facts:1", "--batch-size", "2",
+              "--minutes", "1", "--max-steps", "2"]
+    with pytest.raises(RepeatedDataError, match="--data-seed 12"):  # refused before the base model loads
+        main([*common, "--base", str(tmp_path / "missing"), "--work", str(tmp_path / "w0"), "--out", str(tmp_path / "o0")])
+    main([*common, "--data-seed", "12", "--work", str(tmp_path / "w1"), "--out", str(tmp_path / "o1"), "--export"])
+    summary = json.loads((tmp_path / "o1" / "checkpoint" / "config.json").read_text())["metadata"]["data_summary"]
+    assert summary["data_seed"] == 12
+    assert summary["data_history"] == [{"tasks": [["facts", 1.0]], "data_seed": 11, "steps": 7},
+                                       {"tasks": [["facts", 1.0]], "data_seed": 12, "steps": 2}]
+    main([*common, "--repeat-data", "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "o2")])  # a repeat on purpose runs
+    assert "step" in (tmp_path / "w2" / "log.jsonl").read_text()
