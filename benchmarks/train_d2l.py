@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(TrainingConfig.train_pool): "
                         "the capacity probe. The evaluation then adds 'pool', the fit on up to --eval-n of the pool's documents")
     add_data_seed_arguments(p)
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="draw and tokenize each batch inside its step (TrainingConfig.prefetch off; for throughput comparisons)")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
                          skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
-                         data_seed=args.data_seed)
+                         data_seed=args.data_seed, prefetch=not args.no_prefetch)
     history = data_history(read_checkpoint_config(args.init)[1].get("data_summary"))
     if not args.repeat_data:
         check_fresh_data(history, cfg)

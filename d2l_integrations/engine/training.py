@@ -59,8 +59,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,9 @@ class TrainingConfig:
             (their KL target would teach a wrong fact); counted in ``wrong_teacher_rows``.
         train_pool: 0 draws fresh examples every step; N > 0 trains on a fixed pool of N documents drawn once
             from the mix (``training_data.PooledMix``): the capacity probe, whether the network can fit a small set.
+        prefetch: draw and tokenize the next step's batch on a background thread while this step runs on
+            the device (batches are a pure function of the step, so the rows are the same either way; a
+            batch whose teacher answers are not all cached is drawn on the main thread, which generates them).
         recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
             (the ``targets`` task): ``1 - cosine`` between the generated document delta and the
             target's (``delta_cosine``: direction only, all layers). 0 turns it off.
@@ -152,6 +157,7 @@ class TrainingConfig:
     skip_wrong_teacher: bool = False
     recon_weight: float = 0.0
     train_pool: int = 0
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.train_pool < 0 or self.train_pool == 1:
@@ -359,6 +365,11 @@ class Batch:
     key_mask: torch.Tensor  # [n, R] bool: response tokens inside ``key``
     examples: list[Example]
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+
 
 class Tokenizer:
     """Builds teacher/student token rows from examples through the model's chat template."""
@@ -368,13 +379,15 @@ class Tokenizer:
         self.system_prompt = system_prompt
         self.max_doc_tokens = max_doc_tokens
         self.bucket = bucket
+        self._lock = threading.Lock()  # the prefetch thread and the main thread share one Rust tokenizer ("Already borrowed")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.end_ids = self._ids(tokenizer.eos_token or "")
         self._cache: dict[str, list[int]] = {}  # student prompt ids per question
         self._renders: dict[str, tuple[str, str]] = {}  # teacher prompt text around the document, per question
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        with self._lock:
+            return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def _messages(self, user: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
@@ -387,7 +400,10 @@ class Tokenizer:
 
     def truncate_doc(self, doc: str) -> str:
         ids = self._ids(doc)
-        return doc if len(ids) <= self.max_doc_tokens else self.tok.decode(ids[: self.max_doc_tokens])
+        if len(ids) <= self.max_doc_tokens:
+            return doc
+        with self._lock:
+            return self.tok.decode(ids[: self.max_doc_tokens])
 
     def _split_render(self, question: str) -> tuple[str, str]:
         """The rendered teacher prompt around the document: (text before it, text after it). Cached."""
@@ -523,6 +539,8 @@ class DistillationTrainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
         self.step = 0
+        self._prefetcher: ThreadPoolExecutor | None = None  # one background thread drawing the next step's batch
+        self._ahead: tuple[int, Future] | None = None  # (step, its batch being drawn)
         self.skipped_rows = 0  # training rows with an empty document, question or response
         self.wrong_teacher_rows = 0  # rows dropped by ``skip_wrong_teacher``
         self.elapsed_s = 0.0
@@ -700,29 +718,52 @@ class DistillationTrainer:
         t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def train_step(self) -> dict[str, float]:
+    def _draw(self, step: int, *, generate: bool) -> tuple[int, list[Example], int, int, Batch | None] | None:
+        """Step ``step``'s rows: drawn, teacher answers filled, empty and (``skip_wrong_teacher``) wrong ones dropped,
+        tokenized on the CPU: (rows drawn, rows kept, skipped, wrong, batch or None below 2 rows). Without
+        ``generate`` (the prefetch thread), None when a teacher answer is not cached yet."""
         c = self.config
-        self.hypernet.train()
-        t0 = time.perf_counter()
-        rows = self.fill_teacher_responses(self.train_data.batch(self.step, c.batch_size))
+        drawn = self.train_data.batch(step, c.batch_size)
+        if not generate and any(e.teacher_response and not e.response and _teacher_key(e) not in self._teacher_answers for e in drawn):
+            return None
+        rows = self.fill_teacher_responses(drawn)
         kept = [e for e in rows if e.doc.strip() and e.question.strip() and e.response.strip()]
         skipped, wrong = len(rows) - len(kept), 0
         if c.skip_wrong_teacher:
             right = [e for e in kept if not (e.teacher_response and e.answers and not e.key)]
             wrong = len(kept) - len(right)
             kept = right
+        batch = self.tokens.batch(kept, torch.device("cpu")) if len(kept) >= 2 else None
+        if batch is not None and self.device.type == "cuda":
+            batch = Batch(**{f.name: (v.pin_memory() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v)
+                             for f in dataclasses.fields(batch)})
+        return len(rows), kept, skipped, wrong, batch
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        self.hypernet.train()
+        t0 = time.perf_counter()
+        ahead, self._ahead = self._ahead, None
+        drawn = ahead[1].result() if ahead is not None and ahead[0] == self.step else None
+        if drawn is None:  # no prefetch, or its batch needs teacher answers generated: draw here
+            drawn = self._draw(self.step, generate=True)
+        rows, kept, skipped, wrong, cpu_batch = drawn
+        if c.prefetch:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="d2l-prefetch")
+            self._ahead = (self.step + 1, self._prefetcher.submit(self._draw, self.step + 1, generate=False))
         if self.world_size == 1:
             self.skipped_rows += skipped
             self.wrong_teacher_rows += wrong
             if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
                 self.step += 1
-                return {"loss": float("nan"), "skipped": float(len(rows) - len(kept))}
+                return {"loss": float("nan"), "skipped": float(rows - len(kept))}
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, float] = {}
         tokens = 0
         t1 = t2 = time.perf_counter()
-        if len(kept) >= 2:  # a data-parallel rank without rows still joins the all-reduce below, with zero gradients
-            batch = self.tokens.batch(kept, self.device)
+        if cpu_batch is not None:  # a data-parallel rank without rows still joins the all-reduce below, with zero gradients
+            batch = cpu_batch.to(self.device)
             t1 = time.perf_counter()
             t_logits, feats, mask = self.teacher(batch)
             factors = self.document_factors(batch, feats, mask)

@@ -818,11 +818,11 @@ def test_trainer_with_a_pool_steps_on_pool_examples_only(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(train_pool=4, batch_size=3))
     assert isinstance(trainer.train_data, PooledMix)
     docs = {e.doc for e in trainer.train_data.pool}
-    seen = []
+    seen, steps = [], []
     real = trainer.train_data.batch
-    trainer.train_data.batch = lambda step, size: seen.extend(real(step, size)) or real(step, size)  # record, then serve
+    trainer.train_data.batch = lambda step, size: steps.append(step) or seen.extend(real(step, size)) or real(step, size)  # record, serve
     trainer.train(max_steps=3)
-    assert trainer.step == 3 and len(seen) == 9 and {e.doc for e in seen} <= docs
+    assert trainer.step == 3 and sorted(steps) == [0, 1, 2, 3] and {e.doc for e in seen} <= docs  # step 3's drawn ahead
 
 
 def test_data_seed_draws_new_batches_and_keeps_the_held_out_sets(tiny_base):
@@ -874,3 +874,37 @@ def test_train_d2l_records_the_data_history_and_refuses_a_repeat(tiny_base, tmp_
                                        {"tasks": [["facts", 1.0]], "data_seed": 12, "steps": 2}]
     main([*common, "--repeat-data", "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "o2")])  # a repeat on purpose runs
     assert "step" in (tmp_path / "w2" / "log.jsonl").read_text()
+
+
+def test_prefetch_trains_exactly_as_drawing_each_batch_in_the_step(tiny_base):
+    """The next step's batch is drawn on a background thread: the same rows, so the same losses and weights."""
+
+    def run(prefetch: bool) -> tuple[list[float], dict]:
+        torch.manual_seed(0)
+        trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(prefetch=prefetch))
+        losses = [trainer.train_step()["loss"] for _ in range(4)]
+        return losses, trainer.hypernet.state_dict()
+
+    (on, w_on), (off, w_off) = run(True), run(False)
+    assert on == off and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
+
+
+def test_prefetch_leaves_uncached_teacher_answers_to_the_main_thread(tiny_base):
+    class Enumerable:
+        name = "qa"
+
+        def teacher_examples(self):
+            return [Example(f"Doc {i}.", f"Question {i}?", "", "", (f"gold{i}",), "qa", teacher_response=True) for i in range(4)]
+
+        def sample(self, rng):
+            return self.teacher_examples()[int(rng.integers(4))]
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(batch_size=8))
+    trainer.train_data = TaskMix([(Enumerable(), 1.0)], seed=0)
+    assert trainer._draw(0, generate=False) is None  # the thread never generates (it would run the model beside training)
+    generated = trainer._draw(0, generate=True)  # the main thread does
+    assert generated is not None and generated[1] and all(e.response for e in generated[1])
+    cached = trainer._draw(0, generate=False)  # now every answer is cached: the thread can draw it
+    assert cached is not None and [e.response for e in cached[1]] == [e.response for e in generated[1]]
+    assert torch.equal(cached[4].teacher_ids, generated[4].teacher_ids)
+    assert np.isfinite(trainer.train_step()["loss"])
