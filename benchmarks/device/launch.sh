@@ -11,29 +11,31 @@ SHIPPED=d2l_integrations/checkpoints/smollm2-135m-instruct
 COMMON=(--base /root/stage --gguf smol.gguf --tasks "$MIX"
         --skip-wrong-teacher --max-steps "$STEPS" --minutes "$MIN" --eval "$EVAL" --eval-train squad --eval-n 256
         --eval-conditions d2l,mismatched,bias_only --export)
+REPEAT=()  # plans before data seeds existed repeated seed 11's batches; they ran so (session 13), and rerun so
 case $PLAN in
   # session 12: fresh heads on S10s2's encoder
-  s13) RUNS=("s13b --init $SHIPPED --new-head b --grow-rank 32 --lr 3e-4" "s13a --init $SHIPPED --new-head ab --lr 3e-4"
+  s13) REPEAT=(--repeat-data); RUNS=("s13b --init $SHIPPED --new-head b --grow-rank 32 --lr 3e-4" "s13a --init $SHIPPED --new-head ab --lr 3e-4"
              "s13b8 --init $SHIPPED --new-head b --lr 3e-4" "s13bh --init $SHIPPED --new-head b --grow-rank 32 --lr 1e-3") ;;
   # session 13: continue session 12's heads for as many steps again (b against the ab control), b with twice the
   # encoder latents (with the b head's higher ceiling, the encoder is the limit), and b on a fixed pool of 512 examples
   # (the capacity probe: can it fit a small set at all?); needs /root/ckpt/s13{b,a}
   # (stage.sh ckpt_s13b etc.; restore them here first with benchmarks/device/restore_ckpt.sh)
-  s14) RUNS=("s14b --init /root/ckpt/s13b --lr 3e-4" "s14a --init /root/ckpt/s13a --lr 3e-4"
+  s14) REPEAT=(--repeat-data); RUNS=("s14b --init /root/ckpt/s13b --lr 3e-4" "s14a --init /root/ckpt/s13a --lr 3e-4"
              "s14bL --init /root/ckpt/s13b --grow-latents 2 --lr 3e-4" "s14bP --init /root/ckpt/s13b --train-pool 512 --lr 3e-4") ;;
   # session 14: every run before this one started at step 1 of data seed 11, so continuations repeated their batches
   # (session 13). Fresh data seeds against the repeat controls already measured: S11 (S10s2 + 2,500 steps of seed 11,
-  # session 10) and s14b (s13b + 1,987 steps of seed 11, session 13); lr 1e-4; and the mix plus WikiText cloze questions.
+  # session 10) and s14b (s13b + 1,987 steps of seed 11, session 13); batch 64 (the step is launch-bound, session 13: twice
+# the rows per step for about the same launches; ~2x the 35-38 GiB peak of batch 32: an H200, or an H100 at its edge); and the mix plus WikiText cloze questions.
   # needs /root/ckpt/s13b
   s15) RUNS=("s15 --init $SHIPPED --data-seed 12 --lr 3e-4" "s15b --init /root/ckpt/s13b --data-seed 12 --lr 3e-4"
-             "s15c --init $SHIPPED --data-seed 13 --lr 1e-4" "s15m --init $SHIPPED --data-seed 14 --lr 3e-4 --tasks $MIX,cloze/1-2+d1:1.2") ;;
+             "s15w --init $SHIPPED --data-seed 13 --batch-size 64 --lr 3e-4" "s15m --init $SHIPPED --data-seed 14 --lr 3e-4 --tasks $MIX,cloze/1-2+d1:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-  CUDA_VISIBLE_DEVICES=$i setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" $extra \
+  CUDA_VISIBLE_DEVICES=$i setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" $extra \
       --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
   echo "GPU $i: $name $extra"
 done
