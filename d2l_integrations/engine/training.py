@@ -1110,7 +1110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "needle_essay, needle_para, facts, facts_varied, cloze, text, text_swap, squad, squad_swap, targets; suffix /lo-hi = "
                    "chunks summed, +dN = distractor chunks, *k = k questions per document)")
     p.add_argument("--init", default=None, help="start a fresh run from this checkpoint folder (our format) instead of a random network")
-    p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl); re-running resumes")
+    p.add_argument("--out", required=True, help="run folder (state.pt, log.jsonl, and at the end checkpoint/, which D2LEngine.from_pretrained loads); re-running resumes")
     p.add_argument("--minutes", type=float, default=None, help="stop by itself after this many minutes of this process")
     p.add_argument("--steps", type=int, default=None, help="stop at this global step (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
