@@ -429,25 +429,28 @@ def test_cli_fine_tunes_from_a_checkpoint_folder(tiny_base, tmp_path):
         assert torch.allclose(v.float(), state["hypernet"][k].float(), atol=2e-3), k
 
 
+class _Enumerable:
+    """A task of 4 documents whose answers are the teacher's (``teacher_response``), enumerable for the precompute."""
+
+    name = "qa"
+
+    def teacher_examples(self):
+        return [Example(f"Doc {i}.", f"Question {i}?", "", "", (f"gold{i}",), "qa", teacher_response=True) for i in range(4)]
+
+    def sample(self, rng):
+        return self.teacher_examples()[int(rng.integers(4))]
+
+
 def test_skip_wrong_teacher_drops_rows_whose_teacher_answer_misses_the_gold_answer(tiny_base, tmp_path):
-    class Enumerable:
-        name = "qa"
-
-        def teacher_examples(self):
-            return [Example(f"Doc {i}.", f"Question {i}?", "", "", (f"gold{i}",), "qa", teacher_response=True) for i in range(4)]
-
-        def sample(self, rng):
-            return self.teacher_examples()[int(rng.integers(4))]
-
     def run(skip: bool) -> DistillationTrainer:
         trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(skip_wrong_teacher=skip, batch_size=8))
-        trainer.train_data = TaskMix([(Enumerable(), 1.0)], seed=0)
+        trainer.train_data = TaskMix([(_Enumerable(), 1.0)], seed=0)
         for i in range(4):  # the teacher "knows" documents 0 and 1 only
             trainer._teacher_answers[(f"Doc {i}.", f"Question {i}?")] = f"It is gold{i}." if i < 2 else "No idea."
         trainer.train_step()
         return trainer
 
-    batch = TaskMix([(Enumerable(), 1.0)], seed=0).batch(0, 8)
+    batch = TaskMix([(_Enumerable(), 1.0)], seed=0).batch(0, 8)
     n_wrong = sum(e.doc in ("Doc 2.", "Doc 3.") for e in batch)
     assert 0 < n_wrong < 8  # the seed gives a mixed batch, so the test can fail both ways
     assert run(False).wrong_teacher_rows == 0
@@ -890,17 +893,8 @@ def test_prefetch_trains_exactly_as_drawing_each_batch_in_the_step(tiny_base):
 
 
 def test_prefetch_leaves_uncached_teacher_answers_to_the_main_thread(tiny_base):
-    class Enumerable:
-        name = "qa"
-
-        def teacher_examples(self):
-            return [Example(f"Doc {i}.", f"Question {i}?", "", "", (f"gold{i}",), "qa", teacher_response=True) for i in range(4)]
-
-        def sample(self, rng):
-            return self.teacher_examples()[int(rng.integers(4))]
-
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(batch_size=8))
-    trainer.train_data = TaskMix([(Enumerable(), 1.0)], seed=0)
+    trainer.train_data = TaskMix([(_Enumerable(), 1.0)], seed=0)
     assert trainer._draw(0, generate=False) is None  # the thread never generates (it would run the model beside training)
     generated = trainer._draw(0, generate=True)  # the main thread does
     assert generated is not None and generated[1] and all(e.response for e in generated[1])
