@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # There (after stage.sh a..d): tokens/s of S10s2's training mix on GPU 0, the batch drawn ahead on a thread (prefetch)
-# against drawn inside the step, one run after the other, $SEC seconds of training each; prints per-run means over
-# logged steps > $SKIP.
+# against drawn inside the step (MODES), at each batch size of $BATCHES, one run after the other, $SEC seconds of
+# training each; prints per-run means over logged steps > $SKIP.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D2L_DATA_DIR=/root/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SEC=${SEC:-90}; SKIP=${SKIP:-50}
+SEC=${SEC:-90}; SKIP=${SKIP:-50}; BATCHES=${BATCHES:-32}
 MIX="facts_varied/1:1.0,facts_varied/2-4+d1*3:0.4,facts/1:0.3,facts/2-4+d1:0.25,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
 TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-for mode in ${MODES:-prefetch no-prefetch}; do
-  flag=(); [ "$mode" = no-prefetch ] && flag=(--no-prefetch)
+for batch in $BATCHES; do for m in ${MODES:-prefetch no-prefetch}; do
+  mode=$m-b$batch
+  flag=(--batch-size "$batch"); [ "$m" = no-prefetch ] && flag+=(--no-prefetch)
   rm -rf /root/tp/$mode; mkdir -p /root/tp/$mode
   CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf --tasks "$MIX" --skip-wrong-teacher \
       --init d2l_integrations/checkpoints/smollm2-135m-instruct --data-seed 12 --minutes "$(python3 -c "print($SEC/60)")" \
@@ -23,5 +24,5 @@ print(json.dumps({"mode": mode, "logged_steps": len(rows), "last_step": rows[-1]
                   **{k: round(mean(k), 4) for k in ("tok_per_s", "s_per_step", "s_data", "s_teacher", "s_student")}}))
 PY
   grep -m1 "base loaded" /root/tp/$mode/stdout.txt; grep "trained_to_step" /root/tp/$mode/stdout.txt
-done
+done; done
 nvidia-smi --query-gpu=name --format=csv,noheader
