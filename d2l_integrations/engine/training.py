@@ -343,6 +343,11 @@ def load_target(path: str | os.PathLike[str], device: torch.device | str = "cpu"
 _MAX_CACHED_TARGETS = 1024
 
 
+def _distinct_chunks(examples: Sequence[Example]) -> dict[str, int]:
+    """The distinct chunks of ``examples`` in order of first appearance, numbered (as ``Tokenizer.batch`` rows them)."""
+    return {c: i for i, c in enumerate(dict.fromkeys(c for e in examples for c in e.chunks))}
+
+
 def _innermost(task: object) -> object:
     """The base task under ``*k`` grouping and ``/k`` chunking wrappers."""
     while hasattr(task, "task"):
@@ -364,6 +369,9 @@ class Batch:
     resp_mask: torch.Tensor  # [n, R] bool
     key_mask: torch.Tensor  # [n, R] bool: response tokens inside ``key``
     examples: list[Example]
+    chunk_ids: torch.Tensor | None = None  # [m, Tc] encoder prefixes of the distinct chunks (``_distinct_chunks`` order; None: none)
+    chunk_len: torch.Tensor | None = None  # [m] their lengths
+    chunk_feats: tuple[torch.Tensor, torch.Tensor] | None = None  # their features and mask, set by the teacher pass
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on ``device``."""
@@ -423,6 +431,14 @@ class Tokenizer:
         """Ids of the teacher prompt's prefix through ``doc`` alone: the encoder input of one chunk."""
         return self._ids(self._split_render("")[0] + self.truncate_doc(doc))
 
+    def prefix_rows(self, docs: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded encoder inputs of ``docs`` read one by one (``doc_prefix``), and their lengths."""
+        rows = [self.doc_prefix(d) for d in docs]
+        ids = torch.full((len(rows), self._pad_to(max(map(len, rows)))), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, torch.tensor([len(r) for r in rows])
+
     def student_prompt(self, question: str) -> list[int]:
         if question not in self._cache:
             self._cache[question] = self._ids(self._render(question))
@@ -475,8 +491,13 @@ class Tokenizer:
             resp[i, :r] = torch.tensor(resps[i])
             rmask[i, :r] = True
             kmask[i, :r] = torch.tensor(keys[i])
+        where = _distinct_chunks(examples)  # the rows of one grouped document share its chunks: each is read once
+        chunk_ids = chunk_len = None
+        if where:
+            chunk_ids, chunk_len = self.prefix_rows(list(where))
         return Batch(teacher.to(device), student.to(device), torch.tensor(doc_lens, device=device), t_pos.to(device),
-                     s_pos.to(device), resp.to(device), rmask.to(device), kmask.to(device), list(examples))
+                     s_pos.to(device), resp.to(device), rmask.to(device), kmask.to(device), list(examples),
+                     *((chunk_ids.to(device), chunk_len.to(device)) if where else ()))
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -537,7 +558,8 @@ class DistillationTrainer:
                 continue
             (decay if p.dim() >= 2 and "latent" not in name and "bias_" not in name else no_decay).append(p)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999),
+                                           fused=self.device.type == "cuda")  # one kernel per step, not one per tensor
         self.step = 0
         self._prefetcher: ThreadPoolExecutor | None = None  # one background thread drawing the next step's batch
         self._ahead: tuple[int, Future] | None = None  # (step, its batch being drawn)
@@ -555,20 +577,34 @@ class DistillationTrainer:
                     dist.broadcast(tensor, 0)
 
     # ------------------------------------------------------------------------------ passes
-    def _logits_at(self, ids: torch.Tensor, positions: torch.Tensor, *, hidden: bool = False) -> tuple[torch.Tensor, Any]:
-        out = self.model.model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-        h = out.last_hidden_state
+    def _logits_at(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (float) of the last hidden states ``h`` at ``positions`` only."""
         gathered = torch.gather(h, 1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return self.model.lm_head(gathered).float(), (out.hidden_states if hidden else None)
+        return self.model.lm_head(gathered).float()
 
     def teacher(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher logits at response positions, encoder features and their mask."""
+        """Teacher logits at response positions, encoder features and their mask.
+
+        The batch's distinct chunks (``batch.chunk_ids``) ride in the same forward pass, right-padded to a common
+        width (causal attention: padding after a row changes none of its positions); their features land in
+        ``batch.chunk_feats`` for ``document_factors``. One pass instead of two: the step is bound by kernel launches.
+        """
         with torch.no_grad():
-            logits, hs = self._logits_at(batch.teacher_ids, batch.teacher_resp, hidden=True)
+            ids, n = batch.teacher_ids, batch.teacher_ids.shape[0]
+            if batch.chunk_ids is not None:
+                width = max(ids.shape[1], batch.chunk_ids.shape[1])
+                pad = lambda t: F.pad(t, (0, width - t.shape[1]), value=self.tokens.pad_id)  # noqa: E731
+                ids = torch.cat([pad(ids), pad(batch.chunk_ids)])
+            out = self.model.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            logits, hs = self._logits_at(out.last_hidden_state[:n], batch.teacher_resp), out.hidden_states
+            if batch.chunk_ids is not None:
+                c_width = batch.chunk_ids.shape[1]
+                c_mask = torch.arange(c_width, device=self.device)[None, :] < batch.chunk_len[:, None]
+                batch.chunk_feats = (self._default_features([x[n:, :c_width] for x in hs]), c_mask)
             t_doc = int(batch.doc_len.max())
             t_doc = min(batch.teacher_ids.shape[1], math.ceil(t_doc / self.config.bucket) * self.config.bucket)
             mask = torch.arange(t_doc, device=self.device)[None, :] < batch.doc_len[:, None]
-            sliced = [h[:, :t_doc] for h in hs]
+            sliced = [x[:n, :t_doc] for x in hs]
             if self.features_fn is not None:
                 got = self.features_fn(sliced, batch)
                 feats, mask = got if isinstance(got, tuple) else (got, mask)
@@ -582,16 +618,11 @@ class DistillationTrainer:
 
     def chunk_features(self, chunks: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder features of each chunk read on its own (as inference reads one chunk)."""
-        rows = [self.tokens.doc_prefix(c) for c in chunks]
-        width = self.tokens._pad_to(max(map(len, rows)))
-        ids = torch.full((len(rows), width), self.tokens.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        ids, lengths = self.tokens.prefix_rows(chunks)
         with torch.no_grad():
             hs = self.model.model(input_ids=ids.to(self.device), output_hidden_states=True, use_cache=False).hidden_states
             feats = self._default_features(hs)
-        return feats, torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+        return feats, torch.arange(ids.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
 
     def document_factors(self, batch: Batch, feats: torch.Tensor, mask: torch.Tensor) -> Factors:
         """One adapter per example: from the teacher's features, or the sum of its chunks' adapters.
@@ -603,20 +634,17 @@ class DistillationTrainer:
         exs = batch.examples
         if not any(e.chunks for e in exs):
             return self.generate_factors(feats, mask)
-        chunk_texts = [c for e in exs for c in e.chunks]
-        c_feats, c_mask = self.chunk_features(chunk_texts)
+        where = _distinct_chunks(exs)
+        if batch.chunk_feats is None:  # a batch the teacher pass did not read the chunks of
+            batch.chunk_feats = self.chunk_features(list(where))
+        c_feats, c_mask = batch.chunk_feats
         width = max(feats.shape[2], c_feats.shape[2])
         pad = lambda f, m: (F.pad(f, (0, 0, 0, width - f.shape[2])), F.pad(m, (0, width - m.shape[1])))  # noqa: E731
         (feats, mask), (c_feats, c_mask) = pad(feats, mask), pad(c_feats, c_mask)
-        rows, groups, offset = [], [], len(exs)
-        for i, e in enumerate(exs):
-            if e.chunks:
-                groups.append(list(range(len(rows), len(rows) + len(e.chunks))))
-                rows.extend(range(offset, offset + len(e.chunks)))
-                offset += len(e.chunks)
-            else:
-                groups.append([len(rows)])
-                rows.append(i)
+        rows, groups = [], []
+        for i, e in enumerate(exs):  # a chunked example reads its chunks' rows (after the batch's), the others their own
+            groups.append(list(range(len(rows), len(rows) + max(1, len(e.chunks)))))
+            rows.extend([len(exs) + where[c] for c in e.chunks] if e.chunks else [i])
         idx = torch.tensor(rows, device=self.device)
         factors = self.generate_factors(torch.cat([feats, c_feats])[idx], torch.cat([mask, c_mask])[idx])
         return compose_rows(factors, groups)
@@ -686,7 +714,8 @@ class DistillationTrainer:
 
     def student(self, batch: Batch, factors: Factors | None, *, bias: bool = True) -> torch.Tensor:
         with lora_forward(self.model, self.module_paths, factors, self.scaling, self.bias() if bias else None):
-            logits, _ = self._logits_at(batch.student_ids, batch.student_resp)
+            h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state
+            logits = self._logits_at(h, batch.student_resp)
         return logits
 
     def losses(self, t_logits: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

@@ -902,3 +902,31 @@ def test_prefetch_leaves_uncached_teacher_answers_to_the_main_thread(tiny_base):
     assert cached is not None and [e.response for e in cached[1]] == [e.response for e in generated[1]]
     assert torch.equal(cached[4].teacher_ids, generated[4].teacher_ids)
     assert np.isfinite(trainer.train_step()["loss"])
+
+
+def test_chunks_ride_in_the_teacher_pass_once_each(tiny_base):
+    """The teacher pass also reads the batch's distinct chunks (rows of one document share them): the same adapters as
+    reading the chunks in a pass of their own, and one forward pass fewer."""
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base).eval(), config())
+    chunks = ("The special magic number is 4729.", "The grass is green and the field is wide open today.")
+    a = Example(" ".join(chunks), "What is it?", "It is 4729.", "4729", ("4729",), "needle/2", chunks=chunks)
+    b = dataclasses.replace(a, question="Which number?")  # a second question about the same document
+    single = Example("The sun is yellow.", "What is it?", "Yellow.", "", ("yellow",), "facts")
+    batch = trainer.tokens.batch([a, single, b], trainer.device)
+    assert batch.chunk_ids.shape[0] == 2 and batch.chunk_len.tolist() == [len(trainer.tokens.doc_prefix(c)) for c in chunks]
+    passes = []
+    hook = trainer.model.model.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        with torch.no_grad():
+            _, feats, mask = trainer.teacher(batch)
+            merged = trainer.document_factors(batch, feats, mask)
+    finally:
+        hook.remove()
+    assert len(passes) == 1 and batch.chunk_feats is not None
+    apart = trainer.tokens.batch([a, single, b], trainer.device)
+    with torch.no_grad():
+        _, feats2, mask2 = trainer.teacher(dataclasses.replace(apart, chunk_ids=None, chunk_len=None))  # teacher rows alone
+        separate = trainer.document_factors(apart, feats2, mask2)  # reads the chunks in a pass of their own
+    for m in merged:
+        assert torch.allclose(merged[m][0], separate[m][0], atol=1e-5) and torch.allclose(merged[m][1], separate[m][1], atol=1e-5)
+    assert torch.equal(merged["down_proj"][1][0], merged["down_proj"][1][2])  # one document, one adapter
