@@ -36,18 +36,17 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.metrics import f1_score
-from d2l_integrations.engine.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
 from d2l_integrations.engine.training import (
     DistillationTrainer,
     TrainingConfig,
     _parse_tasks,
     add_base_model_arguments,
     add_data_seed_arguments,
-    check_fresh_data,
-    data_history,
     greedy_eval,
-    history_stage,
     init_data_parallel,
+    init_history,
+    lineage_summary,
 )
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
@@ -182,9 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
                          skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
                          data_seed=args.data_seed, prefetch=not args.no_prefetch)
-    history = data_history(read_checkpoint_config(args.init)[1].get("data_summary"))
-    if not args.repeat_data:
-        check_fresh_data(history, cfg)
+    history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads
     from d2l_integrations.engine.base_model import load_base_model
 
     data_parallel, device = init_data_parallel(args.device)
@@ -246,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                        **({"new_head": args.new_head} if args.new_head else {}),
                        **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
                        **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
-                       "data_seed": cfg.train_seed, "data_history": [*history, history_stage(cfg, trainer.step)], "tokens_seen": trainer.tokens_seen,
+                       **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

@@ -210,6 +210,24 @@ def history_stage(config: TrainingConfig, steps: int) -> dict[str, Any]:
     return {**stage, "train_pool": config.train_pool} if config.train_pool else stage
 
 
+def init_history(init: str | os.PathLike[str] | None, config: TrainingConfig, *, repeat: bool = False) -> list[dict[str, Any]]:
+    """The data history of the checkpoint a run starts from (``[]`` without one), after ``check_fresh_data``
+    (skipped with ``repeat``): what the CLIs call before loading the base model."""
+    if init is None:
+        return []
+    from d2l_integrations.engine.checkpoint import read_checkpoint_config
+
+    history = data_history(read_checkpoint_config(init)[1].get("data_summary"))
+    if not repeat:
+        check_fresh_data(history, config)
+    return history
+
+
+def lineage_summary(history: Sequence[Mapping[str, Any]], config: TrainingConfig, steps: int) -> dict[str, Any]:
+    """The data-summary keys of a checkpoint this run writes: its data seed and the history with this stage appended."""
+    return {"data_seed": config.train_seed, "data_history": [*history, history_stage(config, steps)]}
+
+
 def check_fresh_data(history: Sequence[Mapping[str, Any]], config: TrainingConfig) -> None:
     """Refuse a run that would repeat an earlier stage's batches: the same task mix and data seed (pools aside).
 
@@ -1158,16 +1176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from d2l_integrations.engine.checkpoint import read_checkpoint_config, save_checkpoint
+    from d2l_integrations.engine.checkpoint import save_checkpoint
 
     tasks = _parse_tasks(args.tasks)
     lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
                          warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
                          task_kwargs={t: lengths for t, _ in tasks}, data_seed=args.data_seed)
-    history = data_history(read_checkpoint_config(args.init)[1].get("data_summary")) if args.init else []
-    if not args.repeat_data:
-        check_fresh_data(history, cfg)  # before the base model loads
+    history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads
     from d2l_integrations.engine.base_model import load_base_model
     from d2l_integrations.engine.config import HypernetworkConfig
     from d2l_integrations.engine.hypernetwork import Hypernetwork
@@ -1192,7 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if trainer.is_main:  # the loadable checkpoint: D2LEngine.from_pretrained(base, checkpoint=<out>/checkpoint)
         summary = {"init": args.init, "tasks": [list(t) for t in tasks], "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
                    "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, "batch_size": args.batch_size * trainer.world_size,
-                   "data_seed": cfg.train_seed, "data_history": [*history, history_stage(cfg, trainer.step)], "code": "d2l train"}
+                   **lineage_summary(history, cfg, trainer.step), "code": "d2l train"}
         folder = save_checkpoint(hyper, Path(args.out) / "checkpoint", data_summary=summary, overwrite=True)
         logger.info("Checkpoint at step %d in %s", trainer.step, folder)
 
