@@ -31,13 +31,16 @@ case $PLAN in
              "s15w --init $SHIPPED --data-seed 13 --batch-size 64 --lr 3e-4" "s15m --init $SHIPPED --data-seed 14 --lr 3e-4 --tasks $MIX,cloze/1-2+d1:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
-for i in $(seq 0 $(( NGPU < ${#RUNS[@]} ? NGPU - 1 : ${#RUNS[@]} - 1 ))); do
+# PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU
+# machine can still run a 4-run plan; mind the memory (batch 32 peaks at 35-38 GiB, batch 64 at about twice that).
+SLOTS=$(( NGPU * ${PER_GPU:-1} ))
+for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-  CUDA_VISIBLE_DEVICES=$i setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" $extra \
+  CUDA_VISIBLE_DEVICES=$(( i % NGPU )) setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" $extra \
       --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
-  echo "GPU $i: $name $extra"
+  echo "GPU $(( i % NGPU )): $name $extra"
 done
 sleep ${FIRST_WAIT:-60}
 for d in /root/runs/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done
