@@ -5,13 +5,15 @@
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D2L_DATA_DIR=/root/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEC=${SEC:-90}; SKIP=${SKIP:-50}; BATCHES=${BATCHES:-32}
+# NPROC=2: one data-parallel run of two ranks sharing GPU 0 (gloo); batch = per rank, tok/s = all ranks
+LAUNCH="python3"; [ "${NPROC:-1}" -gt 1 ] && LAUNCH="torchrun --nproc-per-node $NPROC"
 MIX="facts_varied/1:1.0,facts_varied/2-4+d1*3:0.4,facts/1:0.3,facts/2-4+d1:0.25,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
 TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
 for batch in $BATCHES; do for m in ${MODES:-prefetch no-prefetch}; do
-  mode=$m-b$batch
+  mode=$m-b$batch-p${NPROC:-1}
   flag=(--batch-size "$batch"); [ "$m" = no-prefetch ] && flag+=(--no-prefetch)
   rm -rf /root/tp/$mode; mkdir -p /root/tp/$mode
-  CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf --tasks "$MIX" --skip-wrong-teacher \
+  CUDA_VISIBLE_DEVICES=0 $LAUNCH -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf --tasks "$MIX" --skip-wrong-teacher \
       --init d2l_integrations/checkpoints/smollm2-135m-instruct --data-seed 12 --minutes "$(python3 -c "print($SEC/60)")" \
       "${TA[@]}" "${flag[@]}" --work /root/tp/$mode/work --out /root/tp/$mode/out > /root/tp/$mode/stdout.txt 2>&1
   python3 - "$mode" "$SKIP" <<'PY'

@@ -158,3 +158,16 @@ def test_train_d2l_shares_the_evaluation_out_and_writes_the_single_process_table
     assert list(ddp) == ["facts", "needle_alone", "facts_bio"]
     assert ddp == single
 
+
+
+def test_ranks_share_gpus_round_robin_over_gloo() -> None:
+    from d2l_integrations.engine.training import process_group_backend, rank_gpu
+
+    assert [rank_gpu(r, 2) for r in range(4)] == [0, 1, 0, 1]  # torchrun --nproc-per-node 4 on 2 GPUs: two per GPU
+    assert [rank_gpu(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert process_group_backend(True, 4, 4) == "nccl"
+    assert process_group_backend(True, 2, 4) == "nccl"
+    assert process_group_backend(True, 4, 2) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert process_group_backend(False, 2, 0) == "gloo"
+    with pytest.raises(ValueError, match="--device cpu"):
+        rank_gpu(0, 0)
