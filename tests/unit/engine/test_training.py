@@ -133,6 +133,24 @@ def test_top_k_kl_and_eval_table(tiny_base):
     assert set(table["accuracy"]) >= {"no_context", "full_context", "d2l", "mismatched", "bias_only", "mismatched_leak"}
 
 
+def test_teacher_forced_eval_conditions_and_adapter_scale(tiny_base):
+    from d2l_integrations.engine.training import TF_CONDITIONS, teacher_forced_eval
+
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    trainer.train_step()  # the bias LoRA moves off zero, so doc_only differs from matched
+    rows = trainer.eval_sets["facts"]
+    scaling = trainer.scaling
+    full = teacher_forced_eval(trainer, rows, batch_size=4, conditions=TF_CONDITIONS)
+    assert {f"{c}_kl" for c in TF_CONDITIONS} <= set(full)
+    assert full["doc_only_kl"] != pytest.approx(full["matched_kl"], abs=1e-7)
+    assert full == trainer.eval_teacher_forced(batch_size=4)["facts"] | {k: v for k, v in full.items() if k.startswith("doc_only")}
+    off = teacher_forced_eval(trainer, rows, batch_size=4, adapter_scale=0.0)  # every adapter scaled to nothing
+    assert off["matched_kl"] == pytest.approx(off["none_kl"], abs=1e-6) == pytest.approx(full["none_kl"], abs=1e-6)
+    assert trainer.scaling == scaling  # restored after the call
+    with pytest.raises(ValueError, match="doc_only"):
+        teacher_forced_eval(trainer, rows, conditions=("matched", "halved"))
+
+
 def test_key_tokens_and_response_alignment(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
     ex = Example("The special magic number is 4729.", "What is it?", "The special magic number is 4729.", "4729", ("4729",), "needle")
@@ -742,9 +760,11 @@ def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path
     args = ["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "0",
             "--eval", "facts", "--eval-n", "4", "--eval-batch", "2"]
-    main([*args, "--eval-conditions", "d2l,mismatched"])
+    main([*args, "--eval-conditions", "d2l,mismatched", "--eval-kl", "4"])
     table = json.loads((tmp_path / "out" / "eval.json").read_text())["facts"]
     assert set(table["accuracy"]) == {"d2l", "mismatched", "mismatched_leak"} and table["n"] == 4
+    kl = json.loads((tmp_path / "out" / "eval_kl.json").read_text())["facts"]  # teacher-forced: every condition
+    assert {"matched_kl", "mismatched_kl", "bias_only_kl", "none_kl", "doc_only_kl", "matched_key_acc"} <= set(kl)
     with pytest.raises(SystemExit):
         main([*args, "--eval-conditions", "d2l,full"])
 

@@ -143,7 +143,7 @@ def test_train_d2l_shares_the_evaluation_out_and_writes_the_single_process_table
 
     def argv(name: str) -> list[str]:
         return ["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / name / "work"),
-                "--out", str(tmp_path / name), "--minutes", "0", "--eval", "facts,needle_alone,facts_bio", "--eval-n", "4"]
+                "--out", str(tmp_path / name), "--minutes", "0", "--eval", "facts,needle_alone,facts_bio", "--eval-n", "4", "--eval-kl", "4"]
 
     _spawn(_eval_worker, 2, str(tmp_path / "store"), argv("ddp"))
     from benchmarks.train_d2l import main
@@ -157,6 +157,9 @@ def test_train_d2l_shares_the_evaluation_out_and_writes_the_single_process_table
     ddp, single = table("ddp"), table("single")
     assert list(ddp) == ["facts", "needle_alone", "facts_bio"]
     assert ddp == single
+    kl_ddp, kl_single = (json.loads((tmp_path / name / "eval_kl.json").read_text()) for name in ("ddp", "single"))
+    assert list(kl_ddp) == ["facts", "needle_alone", "facts_bio"]
+    assert kl_ddp == kl_single
 
 
 
