@@ -38,8 +38,8 @@ import torch.distributed as dist
 from benchmarks.metrics import f1_score
 from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
 from d2l_integrations.engine.training import (
-    DistillationTrainer,
     TF_CONDITIONS,
+    DistillationTrainer,
     TrainingConfig,
     _parse_tasks,
     add_base_model_arguments,
