@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -73,6 +73,18 @@ def _print_result(name: str, res: dict) -> None:
                       "samples": res["samples"]}), flush=True)
 
 
+def _sharded(trainer: DistillationTrainer, tasks: list[str], score: Callable[[str], tuple[str, dict]]) -> dict:
+    """``{key: result}`` of ``score(task)`` over ``tasks``, in task order. Data parallel: rank ``r`` scores tasks
+    ``r, r + N, ...`` and every rank returns the whole table."""
+    table = dict(score(t) for t in tasks[trainer.rank::trainer.world_size])
+    if trainer.world_size == 1:
+        return table
+    parts: list[dict] = [{} for _ in range(trainer.world_size)]
+    dist.all_gather_object(parts, table)
+    keys = [list(parts[i % trainer.world_size])[i // trainer.world_size] for i in range(len(tasks))]  # task i: rank i mod N
+    return {k: parts[i % trainer.world_size][k] for i, k in enumerate(keys)}
+
+
 def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks: set[str], task_kwargs: dict,
              split: str = "eval", batch_size: int = 32, conditions: Sequence[str] = EVAL_CONDITIONS) -> dict:
     """Greedy diagnostic table per task; ``split="train"`` measures fit on training documents
@@ -80,46 +92,34 @@ def evaluate(trainer: DistillationTrainer, tasks: list[str], *, n: int, f1_tasks
 
     Data parallel: rank ``r`` evaluates tasks ``r, r + N, ...`` and every rank returns the whole
     table, in task order (each task's rows are those a single process would score)."""
-    tasks = [one_question_per_document(name) for name in tasks]
-    mine = tasks[trainer.rank::trainer.world_size]
-    table = {}
-    for t in mine:
+
+    def score(t: str) -> tuple[str, dict]:
         t0 = time.time()
         exs = TaskMix([(make_task(t, split=split, **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         base_name = t.split("/")[0].split("+")[0]
         res = greedy_eval(trainer, exs, batch_size=batch_size, max_new_tokens=_max_new_tokens(t), conditions=conditions,
                           scorer=f1_score if base_name in f1_tasks else None)
         res["seconds"] = round(time.time() - t0, 1)
-        t = t if split == "eval" else f"{split}:{t}"
-        table[t] = res
-        _print_result(t, res)
-    if trainer.world_size == 1:
-        return table
-    parts: list[dict] = [{} for _ in range(trainer.world_size)]
-    dist.all_gather_object(parts, table)
-    merged = {k: v for part in parts for k, v in part.items()}
-    order = [t if split == "eval" else f"{split}:{t}" for t in tasks]
-    return {k: merged[k] for k in order}
+        key = t if split == "eval" else f"{split}:{t}"
+        _print_result(key, res)
+        return key, res
+
+    return _sharded(trainer, [one_question_per_document(name) for name in tasks], score)
 
 
 def evaluate_kl(trainer: DistillationTrainer, tasks: list[str], *, n: int, task_kwargs: dict, batch_size: int = 32) -> dict:
     """Teacher-forced KL table per held-out task (``teacher_forced_eval``, every condition of ``TF_CONDITIONS``):
     a ruler for differences the greedy table cannot resolve (at n = 256 its standard error is ~3 points).
-    Data parallel as ``evaluate``: rank ``r`` takes tasks ``r, r + N, ...``; every rank returns the whole table."""
-    tasks = [one_question_per_document(name) for name in tasks]
-    table = {}
-    for t in tasks[trainer.rank::trainer.world_size]:
+    Data parallel as ``evaluate``."""
+
+    def score(t: str) -> tuple[str, dict]:
         t0 = time.time()
         exs = TaskMix([(make_task(t, split="eval", **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
-        res = teacher_forced_eval(trainer, exs, batch_size=batch_size, conditions=TF_CONDITIONS)
-        table[t] = {k: round(v, 4) for k, v in res.items()}
-        print(json.dumps({"eval_kl": t, "n": n, **{c: table[t][f"{c}_kl"] for c in TF_CONDITIONS}, "s": round(time.time() - t0, 1)}), flush=True)
-    if trainer.world_size == 1:
-        return table
-    parts: list[dict] = [{} for _ in range(trainer.world_size)]
-    dist.all_gather_object(parts, table)
-    merged = {k: v for part in parts for k, v in part.items()}
-    return {k: merged[k] for k in tasks}
+        res = {k: round(v, 4) for k, v in teacher_forced_eval(trainer, exs, batch_size=batch_size, conditions=TF_CONDITIONS).items()}
+        print(json.dumps({"eval_kl": t, "n": n, **{c: res[f"{c}_kl"] for c in TF_CONDITIONS}, "s": round(time.time() - t0, 1)}), flush=True)
+        return t, res
+
+    return _sharded(trainer, [one_question_per_document(name) for name in tasks], score)
 
 
 def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table: dict) -> Path:
