@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-kl", type=int, default=0,
                    help="also score the --eval tasks teacher-forced on this many held-out documents each (eval_kl.json: KL to the "
                         "teacher, key CE and accuracy, matched / mismatched / bias_only / none / doc_only); 0: off")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every this many steps, log the teacher-forced KL on the held-out split of each training task "
+                        "(TrainingConfig.eval_every, eval_size 64: a held-out learning curve in log.jsonl); 0: off")
     p.add_argument("--eval-train", default="", help="comma-separated tasks also scored on their *training* split (fit, not quality)")
     p.add_argument("--eval-conditions", default=",".join(EVAL_CONDITIONS),
                    help="conditions of the diagnostic table; no_context and full_context do not depend on the hypernetwork, so a "
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = _parse_tasks(args.tasks)
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          ce_weight=args.ce_weight,
-                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=0, save_every=100, log_every=25,
+                         task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=args.eval_every, save_every=100, log_every=25,
                          skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
                          data_seed=args.data_seed, prefetch=not args.no_prefetch)
     history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads

@@ -10,7 +10,7 @@ EVAL=${EVAL:-"text_swap,squad,squad_swap,cloze,facts,facts/4,facts_bio,facts_bio
 SHIPPED=d2l_integrations/checkpoints/smollm2-135m-instruct
 COMMON=(--base /root/stage --gguf smol.gguf --tasks "$MIX"
         --skip-wrong-teacher --max-steps "$STEPS" --minutes "$MIN" --eval "$EVAL" --eval-train squad --eval-n 256
-        --eval-conditions d2l,mismatched,bias_only --eval-kl ${EVAL_KL:-128} --export)
+        --eval-conditions d2l,mismatched,bias_only --eval-kl ${EVAL_KL:-128} --eval-every ${EVAL_EVERY:-250} --export)
 REPEAT=()  # plans before data seeds existed repeated seed 11's batches; they ran so (session 13), and rerun so
 case $PLAN in
   # session 12: fresh heads on S10s2's encoder

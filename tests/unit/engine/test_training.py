@@ -691,8 +691,12 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
     save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")  # rank 2
     main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
           "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
-          "--grow-rank", "3", "--grow-latents", "2", "--export"])
+          "--grow-rank", "3", "--grow-latents", "2", "--export", "--eval-every", "1", "--ce-weight", "0.5"])
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
+    assert config["metadata"]["data_summary"]["ce_weight"] == 0.5
+    log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval" in r] == [1, 2]  # --eval-every 1: a held-out teacher-forced eval per step
+    assert "matched_kl" in next(r for r in log if "eval" in r)["eval"]["facts"]
     assert config["hypernetwork"]["rank"] == 3 and config["metadata"]["data_summary"]["grown_to_rank"] == 3
     small = json.loads((tmp_path / "ckpt" / "config.json").read_text())["hypernetwork"]["num_latents"]
     assert config["hypernetwork"]["num_latents"] == 2 * small and config["metadata"]["data_summary"]["latents_grown_by"] == 2
