@@ -998,7 +998,9 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
 
     Far less noisy than greedy answers on the same rows: every response token counts, not one hit per row. The
     mismatched control pairs each row with the next one in its batch (``examples`` should hold one question per
-    document). ``adapter_scale`` multiplies every adapter, bias included (1.0: as trained).
+    document). ``adapter_scale`` multiplies every adapter, bias included (1.0: as trained). Also ``{cond}_kl_se``, the
+    standard error of each KL mean, and, with ``matched`` and ``bias_only``, ``doc_gain_kl`` (± ``doc_gain_kl_se``): the
+    mean per-row bias-only KL minus matched KL, what the document itself adds.
     """
     unknown = set(conditions) - set(TF_CONDITIONS)
     if unknown:
@@ -1028,7 +1030,19 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
     finally:
         trainer.scaling = scaling
         trainer.hypernet.train(was_training)
-    return {k: float(np.mean(v)) for k, v in agg.items()}
+    out = {k: float(np.mean(v)) for k, v in agg.items()}
+    for cond in conditions:  # standard errors of the KL means, and of what the document adds over the bias (paired rows)
+        out[f"{cond}_kl_se"] = _sem(agg.get(f"{cond}_kl", []))
+    if {"matched", "bias_only"} <= set(conditions) and agg.get("matched_kl"):
+        gain = np.asarray(agg["bias_only_kl"]) - np.asarray(agg["matched_kl"])
+        out["doc_gain_kl"], out["doc_gain_kl_se"] = float(gain.mean()), _sem(gain)
+    return out
+
+
+def _sem(values: Sequence[float] | np.ndarray) -> float:
+    """Standard error of the mean (0.0 below two values)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 @torch.no_grad()

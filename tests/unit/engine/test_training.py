@@ -143,7 +143,10 @@ def test_teacher_forced_eval_conditions_and_adapter_scale(tiny_base):
     full = teacher_forced_eval(trainer, rows, batch_size=4, conditions=TF_CONDITIONS)
     assert {f"{c}_kl" for c in TF_CONDITIONS} <= set(full)
     assert full["doc_only_kl"] != pytest.approx(full["matched_kl"], abs=1e-7)
-    assert full == trainer.eval_teacher_forced(batch_size=4)["facts"] | {k: v for k, v in full.items() if k.startswith("doc_only")}
+    assert full["doc_gain_kl"] == pytest.approx(full["bias_only_kl"] - full["matched_kl"], abs=1e-9)  # a mean of paired rows
+    assert full["matched_kl_se"] > 0 and full["doc_gain_kl_se"] > 0
+    four = trainer.eval_teacher_forced(batch_size=4)["facts"]  # the first four conditions, the same numbers
+    assert four == {k: v for k, v in full.items() if not k.startswith("doc_only")}
     off = teacher_forced_eval(trainer, rows, batch_size=4, adapter_scale=0.0)  # every adapter scaled to nothing
     assert off["matched_kl"] == pytest.approx(off["none_kl"], abs=1e-6) == pytest.approx(full["none_kl"], abs=1e-6)
     assert trainer.scaling == scaling  # restored after the call
