@@ -912,7 +912,7 @@ class DistillationTrainer:
                 t_last, tok_last = now, self.tokens_seen
                 self._log(line, on_log)
             if c.eval_every and self.step % c.eval_every == 0:
-                self._log({"step": self.step, "eval": self.eval_teacher_forced()}, on_log)
+                self._log({"step": self.step, "eval": self.eval_teacher_forced(batch_size=c.batch_size)}, on_log)  # no more memory than a step
             if self.out_dir is not None and c.save_every and self.step % c.save_every == 0:
                 self.save_state()
         self.elapsed_s += time.time() - t0
