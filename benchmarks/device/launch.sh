@@ -10,7 +10,8 @@ EVAL=${EVAL:-"text_swap,squad,squad_swap,cloze,facts,facts/4,facts_bio,facts_bio
 SHIPPED=d2l_integrations/checkpoints/smollm2-135m-instruct
 COMMON=(--base /root/stage --gguf smol.gguf --tasks "$MIX"
         --skip-wrong-teacher --max-steps "$STEPS" --minutes "$MIN" --eval "$EVAL" --eval-train squad --eval-n 256
-        --eval-conditions d2l,mismatched,bias_only --eval-kl ${EVAL_KL:-128} --eval-every ${EVAL_EVERY:-250} --export)
+        --eval-conditions d2l,mismatched,bias_only --export)
+TF_EVAL=()  # from s16 on: the teacher-forced table and a held-out curve (earlier plans rerun as they ran)
 REPEAT=()  # plans before data seeds existed repeated seed 11's batches; they ran so (session 13), and rerun so
 case $PLAN in
   # session 12: fresh heads on S10s2's encoder
@@ -34,7 +35,8 @@ case $PLAN in
   # alone costs real SQuAD 0.5 nats. Runs: a fresh-seed control; less key CE (ce 0.3); plain SQuAD rows (training
   # articles, no renaming) in the mix, so the bias learns to leave real passages alone; lr 1e-3 (out of the plateau?).
   # s16z evaluates S10s2 alone (--minutes 0): the baseline of eval_kl.json. PER_GPU=3 on 2 GPUs fits all five (H200).
-  s16) RUNS=("s16 --init $SHIPPED --data-seed 15 --lr 3e-4" "s16k --init $SHIPPED --data-seed 16 --lr 3e-4 --ce-weight 0.3"
+  s16) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}")
+       RUNS=("s16 --init $SHIPPED --data-seed 15 --lr 3e-4" "s16k --init $SHIPPED --data-seed 16 --lr 3e-4 --ce-weight 0.3"
              "s16q --init $SHIPPED --data-seed 17 --lr 3e-4 --tasks $MIX,squad/1-2+d1*5:0.6" "s16h --init $SHIPPED --data-seed 18 --lr 1e-3"
              "s16z --init $SHIPPED --minutes 0 --repeat-data") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
@@ -46,7 +48,7 @@ for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-  CUDA_VISIBLE_DEVICES=$(( i % NGPU )) setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" $extra \
+  CUDA_VISIBLE_DEVICES=$(( i % NGPU )) setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" "${TF_EVAL[@]}" $extra \
       --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
   echo "GPU $(( i % NGPU )): $name $extra"
 done

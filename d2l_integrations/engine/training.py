@@ -879,7 +879,6 @@ class DistillationTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
     def eval_teacher_forced(self, batch_size: int = 32) -> dict[str, dict[str, float]]:
         """Matched vs mismatched KL / key CE / key accuracy on the held-out sets (``teacher_forced_eval``)."""
         return {task: teacher_forced_eval(self, exs, batch_size=batch_size) for task, exs in self.eval_sets.items()}
