@@ -35,10 +35,15 @@ case $PLAN in
   # alone costs real SQuAD 0.5 nats. Runs: a fresh-seed control; less key CE (ce 0.3); plain SQuAD rows (training
   # articles, no renaming) in the mix, so the bias learns to leave real passages alone; lr 1e-3 (out of the plateau?).
   # s16z evaluates S10s2 alone (--minutes 0): the baseline of eval_kl.json. PER_GPU=3 on 2 GPUs fits all five (H200).
-  s16) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}")
+  # s16r/s16R/s16rq (on a 4-GPU machine, PER_GPU=2): dense prose supervision, recite_swap (continue a sentence of the
+  # passage, a whole clause of its own words) at two weights, and with the plain SQuAD rows; all runs also score it.
+  s16) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,recite_swap")
        RUNS=("s16 --init $SHIPPED --data-seed 15 --lr 3e-4" "s16k --init $SHIPPED --data-seed 16 --lr 3e-4 --ce-weight 0.3"
              "s16q --init $SHIPPED --data-seed 17 --lr 3e-4 --tasks $MIX,squad/1-2+d1*5:0.6" "s16h --init $SHIPPED --data-seed 18 --lr 1e-3"
-             "s16z --init $SHIPPED --minutes 0 --repeat-data") ;;
+             "s16z --init $SHIPPED --minutes 0 --repeat-data"
+             "s16r --init $SHIPPED --data-seed 19 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:0.6"
+             "s16R --init $SHIPPED --data-seed 20 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:1.5"
+             "s16rq --init $SHIPPED --data-seed 21 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:0.6,squad/1-2+d1*5:0.6") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

@@ -16,6 +16,8 @@ Tasks (``make_task(name, ...)``):
   SQuAD training paragraphs) asked about with a short cue, so that memorising does not answer it.
 - ``text_swap``: ``text`` whose names and numbers are made up afresh on every draw, asked only
   about those (the corpus is small enough to memorise; made-up answers are not).
+- ``recite_swap``: ``text_swap`` passages, asked to continue one of their sentences (the rest of the sentence,
+  holding a made-up name or number): a response of a whole clause of the passage's own words.
 - ``squad``: SQuAD paragraphs and their questions; ``squad_swap``: the same with names and
   numbers made up afresh on every draw, asked only where the answer holds one.
 - ``targets``: documents with a precomputed ``distill`` adapter, for the reconstruction loss.
@@ -477,6 +479,31 @@ class TextSwapTask(TextTask):
         return swapped, swap.touches
 
 
+class ReciteSwapTask(TextSwapTask):
+    """``text_swap`` passages, asked to continue one of their sentences: dense supervision on prose.
+
+    The question quotes the first 3-8 words of a sentence of the passage; the response is the rest
+    of that sentence (3-40 words), which must hold a made-up name or number, so memorising the
+    corpus cannot give it. A cue question's answer is a few tokens; a continuation carries the
+    passage's own wording for a whole clause, so every response token is a distillation target
+    that depends on the document (the teacher, reading the passage, copies it). The response is
+    the gold continuation (KL to the teacher reading the passage, CE on all of it).
+    """
+
+    name = "recite_swap"
+
+    def _question(self, sentence: str, rng: np.random.Generator,
+                  keep: Callable[[str], bool] | None = None) -> tuple[str, str] | None:
+        words = sentence.split()
+        if len(words) < 7:
+            return None
+        k = int(rng.integers(3, min(8, len(words) - 3) + 1))
+        rest = " ".join(words[k:k + 40])
+        if keep is not None and not keep(rest):
+            return None
+        return f'Continue this sentence from the text: "{" ".join(words[:k])} ..."', rest
+
+
 class Swapper:
     """Made-up replacements for one passage's names and numbers, consistent within the passage.
 
@@ -895,13 +922,13 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``squad``
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``squad``
     / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
     A final ``*k`` asks up to ``k`` questions about each drawn document in the same batch (tasks with a
-    ``sample_group``: ``text``, ``text_swap``, ``squad``, ``squad_swap``, ``facts_varied``, ``targets``): ``text/1-3+d1*4``.
+    ``sample_group``: ``text``, ``text_swap``, ``recite_swap``, ``squad``, ``squad_swap``, ``facts_varied``, ``targets``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
     m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)
@@ -938,8 +965,8 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsBioTask()
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
-    if name in ("text", "text_swap"):
-        cls = TextTask if name == "text" else TextSwapTask
+    if name in ("text", "text_swap", "recite_swap"):
+        cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask}[name]
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name == "targets":
         return TargetTask(split=split, **{k: v for k, v in kwargs.items() if k == "targets_dir"})
@@ -947,7 +974,7 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, text_swap, squad, squad_swap, targets.")
+           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, squad, squad_swap, targets.")
     raise ValueError(msg)
 
 

@@ -542,6 +542,33 @@ def test_text_swap_makes_names_and_numbers_up_afresh_and_asks_only_about_them():
     assert _opens_sentence("") and _opens_sentence('He said. "') and not _opens_sentence("met Mr.") and not _opens_sentence("with")
 
 
+
+def test_recite_swap_asks_for_the_rest_of_a_passage_sentence_holding_a_made_up_word():
+    from d2l_integrations.engine.training_data import ReciteSwapTask, make_task
+
+    try:
+        task = ReciteSwapTask(split="eval", min_tokens=128, max_tokens=256)
+    except FileNotFoundError:
+        pytest.skip("text corpora not available")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        group = task.sample_group(rng, 4)
+        doc = group[0].doc
+        assert len({e.doc for e in group}) == 1 and len({e.question for e in group}) == 4
+        for e in group:
+            prefix = e.question.split('"', 1)[1].rsplit(' ..."', 1)[0]
+            assert 3 <= len(prefix.split()) <= 8 and 3 <= len(e.response.split()) <= 40
+            assert f"{prefix} {e.response}" in doc  # prefix + response is a piece of one sentence of the passage
+            assert e.key == e.response and e.answers == (e.response,) and not e.teacher_response
+    # the continuation must hold a made-up name or number; a sentence too short to continue is not asked about
+    sents = ["In 1921, Gramir Holt opened a mill in Dunmore.", "The old mill had many looms and a large yard.", "It was quiet."]
+    swapped, keep = task._prepare(sents, np.random.default_rng(1))
+    assert task._question(swapped[2], np.random.default_rng(0), keep) is None
+    assert task._question(swapped[1], np.random.default_rng(0), keep) is None  # nothing made up to recite
+    q = task._question(swapped[0], np.random.default_rng(0), keep)
+    assert q is not None and keep(q[1])
+    assert make_task("recite_swap/1-2+d1*4", split="eval").name == "recite_swap/1-2+d1*4"
+
 def test_grouped_tasks_ask_several_questions_about_one_document():
     from d2l_integrations.engine.training_data import GroupedTask, TaskMix, make_task, one_question_per_document
 
