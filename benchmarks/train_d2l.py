@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen,
                           "peak_gpu_gib": peak}), flush=True)
     table = {}
-    if args.eval:
+    if args.eval and args.eval_n > 0:  # --eval-n 0: only the teacher-forced table (--eval-kl) of the --eval tasks
         table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
                          task_kwargs=task_kwargs, batch_size=args.eval_batch, conditions=conditions)
     kl_table = evaluate_kl(trainer, [t for t in args.eval.split(",") if t], n=args.eval_kl, task_kwargs=task_kwargs,
                            batch_size=args.eval_batch) if args.eval_kl else {}
-    if args.eval_train:
+    if args.eval_train and args.eval_n > 0:
         table.update(evaluate(trainer, [t for t in args.eval_train.split(",") if t], n=args.eval_n,
                               f1_tasks=set(args.f1_tasks.split(",")), task_kwargs=task_kwargs, split="train",
                               batch_size=args.eval_batch, conditions=conditions))

