@@ -739,16 +739,19 @@ class DistillationTrainer:
             logits = self._logits_at(h, batch.student_resp)
         return logits
 
-    def losses(self, t_logits: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per-example KL on response tokens and CE on key tokens (means over tokens)."""
-        s_logp = F.log_softmax(s_logits, -1)
+    def token_kl(self, t_logits: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) at every position (over the teacher's top-k when ``config.top_k``)."""
         if self.config.top_k:
             top, idx = t_logits.topk(self.config.top_k, -1)
             t_p = F.softmax(top, -1)
-            kl_tok = (t_p * (t_p.clamp_min(1e-12).log() - torch.gather(s_logp, -1, idx))).sum(-1)
-        else:
-            t_logp = F.log_softmax(t_logits, -1)
-            kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+            return (t_p * (t_p.clamp_min(1e-12).log() - torch.gather(s_logp, -1, idx))).sum(-1)
+        t_logp = F.log_softmax(t_logits, -1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+    def losses(self, t_logits: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-example KL on response tokens and CE on key tokens (means over tokens)."""
+        s_logp = F.log_softmax(s_logits, -1)
+        kl_tok = self.token_kl(t_logits, s_logp)
         ce_tok = -torch.gather(s_logp, -1, batch.resp_ids.unsqueeze(-1)).squeeze(-1)
         rm, km = batch.resp_mask.float(), batch.key_mask.float()
         kl = (kl_tok * rm).sum(1) / rm.sum(1).clamp_min(1)
@@ -997,7 +1000,9 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
 
     Far less noisy than greedy answers on the same rows: every response token counts, not one hit per row. The
     mismatched control pairs each row with the next one in its batch (``examples`` should hold one question per
-    document). ``adapter_scale`` multiplies every adapter, bias included (1.0: as trained). Also ``{cond}_kl_se``, the
+    document). ``{cond}_key_kl`` and ``{cond}_rest_kl`` split the KL between the key (answer) tokens and the other
+    response tokens (rows with key tokens only): whether an adapter helps the answer or only the wording around it.
+    ``adapter_scale`` multiplies every adapter, bias included (1.0: as trained). Also ``{cond}_kl_se``, the
     standard error of each KL mean, and, with ``matched`` and ``bias_only``, ``doc_gain_kl`` (± ``doc_gain_kl_se``): the
     mean per-row bias-only KL minus matched KL, what the document itself adds.
     """
@@ -1021,9 +1026,15 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
                 factors = trainer.document_factors(batch, feats, mask)
                 setups = {"matched": (factors, True), "mismatched": (_roll(factors), True), "bias_only": (None, True),
                           "none": (None, False), "doc_only": (factors, False)}
+                rm, km = batch.resp_mask.float(), batch.key_mask.float()
                 for cond in conditions:
                     fac, bias = setups[cond]
-                    parts = trainer.losses(t_logits, trainer.student(batch, fac, bias=bias), batch)
+                    s_logits = trainer.student(batch, fac, bias=bias)
+                    parts = trainer.losses(t_logits, s_logits, batch)
+                    kl_tok = trainer.token_kl(t_logits, F.log_softmax(s_logits, -1)).float()
+                    has_key = km.sum(1) > 0  # the KL on the key (answer) tokens and on the rest, rows that have both
+                    parts["key_kl"] = ((kl_tok * km).sum(1) / km.sum(1).clamp_min(1))[has_key]
+                    parts["rest_kl"] = ((kl_tok * (rm - km)).sum(1) / (rm - km).sum(1).clamp_min(1))[has_key]
                     for k, v in parts.items():
                         agg.setdefault(f"{cond}_{k}", []).extend(v.float().tolist())
     finally:

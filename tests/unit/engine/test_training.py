@@ -151,6 +151,22 @@ def test_teacher_forced_eval_conditions_and_adapter_scale(tiny_base):
     off = teacher_forced_eval(trainer, rows, batch_size=4, adapter_scale=0.0)  # every adapter scaled to nothing
     assert off["matched_kl"] == pytest.approx(off["none_kl"], abs=1e-6) == pytest.approx(full["none_kl"], abs=1e-6)
     assert trainer.scaling == scaling  # restored after the call
+    # the KL split between the answer (key) tokens and the rest of the response, each a mean over rows
+    assert off["matched_key_kl"] == pytest.approx(off["none_key_kl"], abs=1e-6)
+    assert off["matched_rest_kl"] == pytest.approx(off["none_rest_kl"], abs=1e-6)
+    batch = trainer.tokens.batch(trainer.fill_teacher_responses(list(rows[:4])), trainer.device)
+    rm, km = batch.resp_mask.float(), batch.key_mask.float()
+    assert (km <= rm).all() and (km.sum(1) > 0).all() and ((rm - km).sum(1) > 0).all()
+    one = teacher_forced_eval(trainer, rows[:4], batch_size=4, conditions=("none",))
+    n_key, n_rest = km.sum(1), (rm - km).sum(1)
+    with torch.no_grad():
+        t_logits, _, _ = trainer.teacher(batch)
+        kl_tok = trainer.token_kl(t_logits, F.log_softmax(trainer.student(batch, None, bias=False), -1))
+    per_row = (kl_tok * rm).sum(1) / rm.sum(1)
+    assert one["none_kl"] == pytest.approx(per_row.mean().item(), rel=1e-4)
+    assert one["none_key_kl"] == pytest.approx(((kl_tok * km).sum(1) / n_key).mean().item(), rel=1e-4)
+    assert one["none_rest_kl"] == pytest.approx(((kl_tok * (rm - km)).sum(1) / n_rest).mean().item(), rel=1e-4)
+    assert one["none_key_kl"] != pytest.approx(one["none_rest_kl"], rel=1e-3)  # two different parts of the response
     with pytest.raises(ValueError, match="doc_only"):
         teacher_forced_eval(trainer, rows, conditions=("matched", "halved"))
 
