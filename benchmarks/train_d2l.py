@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--ce-weight", type=float, default=1.0,
                    help="weight of the key-token cross-entropy beside the KL (TrainingConfig.ce_weight)")
+    p.add_argument("--bias-dropout", type=float, default=0.0,
+                   help="probability that a step trains without the bias LoRA, on the document's adapter alone "
+                        "(TrainingConfig.bias_dropout)")
     p.add_argument("--max-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                          ce_weight=args.ce_weight,
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=args.eval_every, save_every=100, log_every=25,
                          skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
-                         data_seed=args.data_seed, prefetch=not args.no_prefetch)
+                         data_seed=args.data_seed, prefetch=not args.no_prefetch, bias_dropout=args.bias_dropout)
     history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads
     from d2l_integrations.engine.base_model import load_base_model
 
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                        **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
                        **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
                        **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
-                       "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}), "batch_size": args.batch_size * trainer.world_size,
+                       "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
+                       **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}), "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
             compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}

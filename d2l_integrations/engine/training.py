@@ -130,6 +130,11 @@ class TrainingConfig:
         recon_weight: weight of the reconstruction loss on rows that carry a ``distill`` target
             (the ``targets`` task): ``1 - cosine`` between the generated document delta and the
             target's (``delta_cosine``: direction only, all layers). 0 turns it off.
+        bias_dropout: the probability that a step trains the student without the bias LoRA, on the document's
+            adapter alone (a pure function of data seed and step, so every data-parallel rank drops it alike): the
+            bias is a document-independent prior for the whole mix, and on real-word answers it costs more than the
+            document's adapter gives (training_log.md, session 15); without it some of the time, the document's
+            adapter must carry the answer by itself. 0 (default) always applies it, as inference does.
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -158,10 +163,14 @@ class TrainingConfig:
     recon_weight: float = 0.0
     train_pool: int = 0
     prefetch: bool = True
+    bias_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.train_pool < 0 or self.train_pool == 1:
             msg = f"train_pool must be 0 (fresh examples every step) or >= 2, got {self.train_pool}."
+            raise ValueError(msg)
+        if not 0.0 <= self.bias_dropout <= 1.0:
+            msg = f"bias_dropout is a probability: give a number in [0, 1], got {self.bias_dropout}."
             raise ValueError(msg)
         if not (math.isfinite(self.recon_weight) and self.recon_weight >= 0):
             msg = f"recon_weight must be a finite number >= 0, got {self.recon_weight}."
@@ -791,6 +800,14 @@ class DistillationTrainer:
             batch = batch.apply(torch.Tensor.pin_memory)  # the copy to the device can then overlap
         return len(rows), kept, skipped, wrong, batch
 
+    def _drops_bias(self, step: int) -> bool:
+        """Whether step ``step`` trains without the bias LoRA (``TrainingConfig.bias_dropout``)."""
+        p = self.config.bias_dropout
+        if p <= 0.0:
+            return False
+        seed = self.config.data_seed if self.config.data_seed is not None else self.config.seed
+        return bool(np.random.default_rng([seed, step, 7]).random() < p)
+
     def train_step(self) -> dict[str, float]:
         c = self.config
         self.hypernet.train()
@@ -821,7 +838,7 @@ class DistillationTrainer:
             factors = self.document_factors(batch, feats, mask)
             self._sync()
             t2 = time.perf_counter()
-            s_logits = self.student(batch, factors)
+            s_logits = self.student(batch, factors, bias=not self._drops_bias(self.step))
             parts = self.losses(t_logits, s_logits, batch)
             loss = self.distill_loss(parts)
             recon_rows = [i for i, e in enumerate(batch.examples) if e.target and not e.chunks] if c.recon_weight else []
@@ -1239,6 +1256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=20_000)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--ce-weight", type=float, default=1.0)
+    p.add_argument("--bias-dropout", type=float, default=0.0,
+                   help="probability that a step trains without the bias LoRA, on the document's adapter alone")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides of SMOLLM2_135M_SHAPE")
     p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
@@ -1253,7 +1272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tasks = _parse_tasks(args.tasks)
     lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, top_k=args.top_k,
+                         warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, bias_dropout=args.bias_dropout, top_k=args.top_k,
                          task_kwargs={t: lengths for t, _ in tasks}, data_seed=args.data_seed)
     history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads
     from d2l_integrations.engine.base_model import load_base_model

@@ -18,7 +18,7 @@ Tasks (``make_task(name, ...)``):
   about those (the corpus is small enough to memorise; made-up answers are not).
 - ``recite_swap``: ``text_swap`` passages, asked to continue one of their sentences (the rest of the sentence,
   holding a made-up name or number): a response of a whole clause of the passage's own words.
-- ``wiki_swap``, ``wiki_recite``: ``text_swap`` and ``recite_swap`` over ``wiki_corpus``, the lead sections of ~10,000
+- ``wiki``, ``wiki_swap``, ``wiki_recite``: ``text``, ``text_swap`` and ``recite_swap`` over ``wiki_corpus``, the lead sections of ~10,000
   Wikipedia articles (none on a SQuAD dev topic): several times more distinct natural passages than ``text_corpus``.
 - ``squad``: SQuAD paragraphs and their questions; ``squad_swap``: the same with names and
   numbers made up afresh on every draw, asked only where the answer holds one.
@@ -991,7 +991,7 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
     / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
@@ -1034,8 +1034,8 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsBioTask()
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
-    if name in ("text", "text_swap", "recite_swap", "wiki_swap", "wiki_recite"):
-        cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask, "wiki_swap": TextSwapTask,
+    if name in ("text", "text_swap", "recite_swap", "wiki", "wiki_swap", "wiki_recite"):
+        cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask, "wiki": TextTask, "wiki_swap": TextSwapTask,
                "wiki_recite": ReciteSwapTask}[name]
         corpus = "wiki" if name.startswith("wiki") else "text"
         return cls(split=split, corpus=corpus, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
@@ -1045,7 +1045,7 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, wiki_swap, wiki_recite, squad, squad_swap, targets.")
+           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets.")
     raise ValueError(msg)
 
 

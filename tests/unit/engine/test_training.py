@@ -171,6 +171,22 @@ def test_teacher_forced_eval_conditions_and_adapter_scale(tiny_base):
         teacher_forced_eval(trainer, rows, conditions=("matched", "halved"))
 
 
+def test_bias_dropout_trains_steps_without_the_bias_lora(tiny_base):
+    with pytest.raises(ValueError, match="probability"):
+        config(bias_dropout=1.5)
+    grads = {}
+    for p in (0.0, 1.0):
+        torch.manual_seed(0)
+        trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(bias_dropout=p))
+        trainer.train_step()
+        bias = [prm for name, prm in trainer.hypernet.named_parameters() if name.startswith("bias_")]
+        assert bias
+        grads[p] = sum(0.0 if prm.grad is None else prm.grad.abs().sum().item() for prm in bias)
+    assert grads[0.0] > 0 and grads[1.0] == 0  # dropped: the step's student never saw the bias
+    half = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(bias_dropout=0.5))
+    drops = [half._drops_bias(step) for step in range(200)]
+    assert 60 < sum(drops) < 140 and drops == [half._drops_bias(step) for step in range(200)]  # a function of the step
+
 def test_key_tokens_and_response_alignment(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
     ex = Example("The special magic number is 4729.", "What is it?", "The special magic number is 4729.", "4729", ("4729",), "needle")
@@ -607,6 +623,8 @@ def test_wiki_corpus_splits_by_title_leaves_out_squad_topics_and_says_where_to_g
     task = td.make_task("wiki_swap/1-2*4", split="eval", root=tmp_path, min_tokens=16, max_tokens=64)
     assert task.name == "wiki_swap/1-2*4"
     assert td.make_task("wiki_recite", split="train", root=tmp_path, min_tokens=16, max_tokens=64).name == "wiki_recite"
+    plain = td.make_task("wiki", split="train", root=tmp_path, min_tokens=16, max_tokens=64).sample(np.random.default_rng(0))
+    assert "Orla Fenn" in plain.doc and plain.key in plain.doc  # the real text, names and all
     group = task.sample_group(np.random.default_rng(0), 2)
     assert "Velmar" not in group[0].doc  # names are made up afresh, as in text_swap
 
