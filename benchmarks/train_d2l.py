@@ -53,6 +53,7 @@ from d2l_integrations.engine.training import (
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
 EVAL_CONDITIONS = ("no_context", "full_context", "d2l", "mismatched", "bias_only")
+EXTRA_CONDITIONS = ("doc_only",)  # on request: the document's adapter without the bias LoRA
 EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
 PART_BYTES = 15 * 2**20
 
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                         "or caches it was not measured")
     args = p.parse_args(argv)
     conditions = tuple(c for c in args.eval_conditions.split(",") if c)
-    if not conditions or set(conditions) - set(EVAL_CONDITIONS):
-        p.error(f"--eval-conditions must name some of {','.join(EVAL_CONDITIONS)}, got {args.eval_conditions!r}")
+    if not conditions or set(conditions) - set(EVAL_CONDITIONS + EXTRA_CONDITIONS):
+        p.error(f"--eval-conditions must name some of {','.join(EVAL_CONDITIONS + EXTRA_CONDITIONS)}, got {args.eval_conditions!r}")
     if args.eval_batch < 2:
         p.error(f"--eval-batch must be >= 2 (the mismatched control pairs documents within a batch), got {args.eval_batch}")
     if args.gpu_memory_fraction and torch.cuda.is_available():

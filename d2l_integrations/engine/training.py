@@ -1107,8 +1107,8 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
                 fac, bias = None, False
             else:
                 prompts = [tok.student_prompt(e.question) for e in exs]
-                fac = {"d2l": factors, "mismatched": _roll(factors, -1)}.get(cond)
-                bias = cond != "no_context"
+                fac = {"d2l": factors, "doc_only": factors, "mismatched": _roll(factors, -1)}.get(cond)
+                bias = cond not in ("no_context", "doc_only")
             texts = _generate(trainer, prompts, fac, bias, max_new_tokens)
             for j, (e, t) in enumerate(zip(exs, texts, strict=True)):
                 hits[cond].append(any(a.lower() in t.lower() for a in e.answers))

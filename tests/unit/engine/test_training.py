@@ -187,6 +187,21 @@ def test_bias_dropout_trains_steps_without_the_bias_lora(tiny_base):
     drops = [half._drops_bias(step) for step in range(200)]
     assert 60 < sum(drops) < 140 and drops == [half._drops_bias(step) for step in range(200)]  # a function of the step
 
+def test_greedy_doc_only_is_the_documents_adapter_without_the_bias(tiny_base):
+    torch.manual_seed(0)
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
+    rows = trainer.eval_sets["facts"][:4]
+    conds = ("no_context", "d2l", "doc_only", "bias_only")
+    zero_bias = greedy_eval(trainer, rows, batch_size=4, max_new_tokens=4, conditions=conds)["samples"]
+    assert zero_bias["doc_only"] == zero_bias["d2l"] and zero_bias["bias_only"] == zero_bias["no_context"]  # B = 0: no bias yet
+    with torch.no_grad():
+        for name, prm in trainer.hypernet.named_parameters():
+            if name.startswith("bias_"):
+                prm.normal_(0.0, 2.0)
+    big_bias = greedy_eval(trainer, rows, batch_size=4, max_new_tokens=4, conditions=conds)["samples"]
+    assert big_bias["doc_only"] == zero_bias["doc_only"]  # the bias does not touch doc_only
+    assert big_bias["bias_only"] != big_bias["no_context"] and big_bias["d2l"] != big_bias["doc_only"]
+
 def test_key_tokens_and_response_alignment(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
     ex = Example("The special magic number is 4729.", "What is it?", "The special magic number is 4729.", "4729", ("4729",), "needle")
