@@ -44,6 +44,7 @@ from d2l_integrations.engine.training import (
     _parse_tasks,
     add_base_model_arguments,
     add_data_seed_arguments,
+    add_names_argument,
     greedy_eval,
     init_data_parallel,
     init_history,
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(TrainingConfig.train_pool): "
                         "the capacity probe. The evaluation then adds 'pool', the fit on up to --eval-n of the pool's documents")
     add_data_seed_arguments(p)
+    add_names_argument(p)
     p.add_argument("--no-prefetch", action="store_true",
                    help="draw and tokenize each batch inside its step (TrainingConfig.prefetch off; for throughput comparisons)")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {})}
+    task_kwargs = {"min_tokens": 128, "max_tokens": 512, "max_paragraphs": 3, **({"targets_dir": args.targets} if args.targets else {}),
+                   **({"names": args.names} if args.names != "classic" else {})}
     tasks = _parse_tasks(args.tasks)
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          ce_weight=args.ce_weight,
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                        **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
                        **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
                        "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
-                       **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}), "batch_size": args.batch_size * trainer.world_size,
+                       **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}),
+                       **({"names": args.names} if args.names != "classic" else {}), "batch_size": args.batch_size * trainer.world_size,
                        **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                        "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
             compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}

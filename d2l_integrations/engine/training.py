@@ -1232,6 +1232,13 @@ def add_base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available; under torchrun, the local rank's GPU)")
 
 
+def add_names_argument(p: argparse.ArgumentParser) -> None:
+    """``--names``: the syllable inventory of made-up names (``training_data.name_syllables``), training and evaluation."""
+    p.add_argument("--names", choices=("classic", "wide"), default="classic",
+                   help="made-up names from the 24 classic syllables (every run up to session 15), or from ~1,600 syllables "
+                        "with another ~1,600 for the held-out split ('wide': a prior over the names helps on neither)")
+
+
 def add_data_seed_arguments(p: argparse.ArgumentParser) -> None:
     """``--data-seed`` and ``--repeat-data``: which batches a run draws, and whether it may repeat its --init's."""
     p.add_argument("--data-seed", type=int, default=None,
@@ -1264,13 +1271,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_data_seed_arguments(p)
     p.add_argument("--min-tokens", type=int, default=128, help="needle haystack length, nominal tokens")
     p.add_argument("--max-tokens", type=int, default=512)
+    add_names_argument(p)
     args = p.parse_args(argv)
     t_start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from d2l_integrations.engine.checkpoint import save_checkpoint
 
     tasks = _parse_tasks(args.tasks)
-    lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens}
+    lengths = {"min_tokens": args.min_tokens, "max_tokens": args.max_tokens, **({"names": args.names} if args.names != "classic" else {})}
     cfg = TrainingConfig(tasks=tasks, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
                          warmup_steps=args.warmup_steps, ce_weight=args.ce_weight, bias_dropout=args.bias_dropout, top_k=args.top_k,
                          task_kwargs={t: lengths for t, _ in tasks}, data_seed=args.data_seed)

@@ -446,7 +446,8 @@ class TextTask:
     name = "text"
 
     def __init__(self, *, split: str = "train", min_tokens: int = 64, max_tokens: int = 256, root: Path | None = None,
-                 corpus: str = "text") -> None:
+                 corpus: str = "text", names: str = "classic") -> None:
+        self._syllables = name_syllables(names, split)
         if corpus not in ("text", "wiki"):
             msg = f"Unknown corpus {corpus!r}: use 'text' (text_corpus) or 'wiki' (wiki_corpus)."
             raise ValueError(msg)
@@ -543,7 +544,7 @@ class TextSwapTask(TextTask):
     name = "text_swap"
 
     def _prepare(self, chosen: list[str], rng: np.random.Generator) -> tuple[list[str], Callable[[str], bool] | None]:
-        swap = Swapper(chosen, rng)
+        swap = Swapper(chosen, rng, self._syllables)
         swapped = [swap(sent) for sent in chosen]
         return swapped, swap.touches
 
@@ -585,7 +586,8 @@ class Swapper:
     them as ``(old, new)`` pairs for ``apply_renames``.
     """
 
-    def __init__(self, texts: Sequence[str], rng: np.random.Generator) -> None:
+    def __init__(self, texts: Sequence[str], rng: np.random.Generator, syllables: Sequence[str] | None = None) -> None:
+        self.syllables = _SYL if syllables is None else syllables  # name_syllables(); the classic 24 by default
         self.names = {m.group(0) for text in texts for m in _SWAP_WORD.finditer(text)
                       if not _opens_sentence(text[:m.start()]) and m.group(0).lower() not in _STOPWORDS
                       and m.group(0).lower() not in _NOT_SWAPPED}
@@ -599,7 +601,7 @@ class Swapper:
             return w
         if w not in self.mapping:
             while True:
-                new = _syl_word(self._rng, 2 if len(w) <= 6 else 3).capitalize()
+                new = _syl_word(self._rng, 2 if len(w) <= 6 else 3, self.syllables).capitalize()
                 if new not in self._used:
                     self._used.add(new)
                     self.mapping[w] = new
@@ -655,8 +657,33 @@ _VARIED_FILLER = ("The weather that year was unusually mild.", "Few people in th
                   "Summers were spent mostly outdoors.", "The family moved house twice.")
 
 
-def _syl_word(rng: np.random.Generator, parts: int) -> str:
-    return "".join(_SYL[int(rng.integers(len(_SYL)))] for _ in range(parts)).capitalize()
+def _syl_word(rng: np.random.Generator, parts: int, syllables: Sequence[str] = _SYL) -> str:
+    return "".join(syllables[int(rng.integers(len(syllables)))] for _ in range(parts)).capitalize()
+
+
+NAME_INVENTORIES = ("classic", "wide")
+
+
+def name_syllables(names: str, split: str) -> tuple[str, ...]:
+    """The syllables made-up names are built from.
+
+    ``classic``: the 24 of ``_SYL`` in both splits (every run up to session 15; ``engine/synthetic.py`` uses 16 of them).
+    A network trained on them learns the inventory itself: S10s2's bias LoRA answers questions about real Wikipedia
+    passages with "Drowenbri" and "The Lioost of Lioost" (training_log.md, session 15). ``wide``: ~1,600 syllables
+    (onset, vowel, optional coda) for ``train`` and another ~1,600 for every other split, disjoint by a hash, so that a
+    prior over the made-up names helps on neither split and held-out names are new to the network.
+    """
+    if names == "classic":
+        return _SYL
+    if names != "wide":
+        msg = f"Unknown name inventory {names!r}: use one of {', '.join(NAME_INVENTORIES)}."
+        raise ValueError(msg)
+    onsets = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
+              "br", "ch", "cr", "dr", "fl", "gr", "kl", "pr", "sh", "st", "th", "tr")
+    vowels = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+    codas = ("", "n", "r", "l", "s", "m", "k", "t", "nd", "rt", "sk", "x")
+    every = sorted(o + v + c for o in onsets for v in vowels for c in codas)
+    return tuple(x for x in every if x not in _SYL and (hashlib.sha256(x.encode()).digest()[0] % 2 == 0) == (split == "train"))
 
 
 class FactsVariedTask:
@@ -670,20 +697,23 @@ class FactsVariedTask:
 
     name = "facts_varied"
 
+    def __init__(self, *, split: str = "train", names: str = "classic") -> None:
+        self._syllables = name_syllables(names, split)
+
     def _person_facts(self, rng: np.random.Generator) -> tuple[str, list[tuple[str, str, str, str]]]:
         pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
         if rng.random() < 0.5:
             name = f"{pick(_FIRST)} {pick(_LAST)}"
         else:
-            name = f"{_syl_word(rng, 2)} {_syl_word(rng, 3)}"
+            name = f"{_syl_word(rng, 2, self._syllables)} {_syl_word(rng, 3, self._syllables)}"
         first = name.split()[0]
-        town = _syl_word(rng, 2 + int(rng.integers(2)))
-        company = f"{_syl_word(rng, 2)} {pick(('Industries', 'Logistics', 'Bakery', 'Press', 'Textiles', 'Foundry'))}"
-        street = f"{_syl_word(rng, 2)} {pick(('Street', 'Lane', 'Road', 'Avenue'))}"
+        town = _syl_word(rng, 2 + int(rng.integers(2)), self._syllables)
+        company = f"{_syl_word(rng, 2, self._syllables)} {pick(('Industries', 'Logistics', 'Bakery', 'Press', 'Textiles', 'Foundry'))}"
+        street = f"{_syl_word(rng, 2, self._syllables)} {pick(('Street', 'Lane', 'Road', 'Avenue'))}"
         year = str(int(rng.integers(1901, 2011)))
         count = str(int(rng.integers(2, 13)))
         age = str(int(rng.integers(18, 96)))
-        pet_name = _syl_word(rng, 2)
+        pet_name = _syl_word(rng, 2, self._syllables)
         out = [  # (statement, question, response, key)
             (pick((f"{name} was born in {town}.", f"{first} was born in the town of {town}.")),
              pick((f"Where was {name} born?", f"In which town was {name} born?")), f"{name} was born in {town}.", town),
@@ -782,7 +812,9 @@ class SquadTask:
 
     name = "squad"
 
-    def __init__(self, *, split: str = "train", max_paragraphs: int = 1, max_tokens: int = 512, root: Path | None = None) -> None:
+    def __init__(self, *, split: str = "train", max_paragraphs: int = 1, max_tokens: int = 512, root: Path | None = None,
+                 names: str = "classic") -> None:
+        self._syllables = name_syllables(names, split)
         rows = _read_jsonl((root or data_dir()) / "squad" / "squad_v1.1_dev_open.jsonl")
         train, held = squad_split_titles([r["title"] for r in rows])
         if tuple(train) != SQUAD_TRAIN_TITLES:
@@ -847,7 +879,7 @@ class SquadSwapTask(SquadTask):
     def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
         while True:
             texts, p, qs = self._draw(rng)
-            swap = Swapper(texts, rng)
+            swap = Swapper(texts, rng, self._syllables)
             new_texts = tuple(swap(t) for t in texts)
             asked = [(q, a, swap.rename(q), tuple(swap.rename(x) for x in a)) for q, a in qs]
             asked = [row for row in asked if any(swap.touches(x) for x in row[3])]
@@ -1029,7 +1061,7 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
     if name == "facts":
         return FactsTask()
     if name == "facts_varied":
-        return FactsVariedTask()
+        return FactsVariedTask(split=split, **{k: v for k, v in kwargs.items() if k == "names"})
     if name == "facts_bio":
         return FactsBioTask()
     if name == "cloze":
@@ -1038,12 +1070,12 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         cls = {"text": TextTask, "text_swap": TextSwapTask, "recite_swap": ReciteSwapTask, "wiki": TextTask, "wiki_swap": TextSwapTask,
                "wiki_recite": ReciteSwapTask}[name]
         corpus = "wiki" if name.startswith("wiki") else "text"
-        return cls(split=split, corpus=corpus, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
+        return cls(split=split, corpus=corpus, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root", "names")})
     if name == "targets":
         return TargetTask(split=split, **{k: v for k, v in kwargs.items() if k == "targets_dir"})
     if name in ("squad", "squad_swap"):
         cls = SquadTask if name == "squad" else SquadSwapTask
-        return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root")})
+        return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root", "names")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
            "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets.")
     raise ValueError(msg)

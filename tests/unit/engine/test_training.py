@@ -643,6 +643,39 @@ def test_wiki_corpus_splits_by_title_leaves_out_squad_topics_and_says_where_to_g
     group = task.sample_group(np.random.default_rng(0), 2)
     assert "Velmar" not in group[0].doc  # names are made up afresh, as in text_swap
 
+
+def test_wide_names_come_from_disjoint_syllables_per_split_and_classic_stays_as_it_was():
+    import re
+
+    from d2l_integrations.engine.training_data import _SYL, FactsVariedTask, Swapper, make_task, name_syllables
+
+    train, held = name_syllables("wide", "train"), name_syllables("wide", "eval")
+    assert len(train) > 1000 and len(held) > 1000 and not set(train) & set(held) and not set(train + held) & set(_SYL)
+    assert name_syllables("classic", "train") == name_syllables("classic", "eval") == _SYL
+    with pytest.raises(ValueError, match="classic, wide"):
+        name_syllables("tiny", "train")
+    classic = re.compile(f"(?:{'|'.join(_SYL)})+", re.IGNORECASE)
+    sents = ["In 1921, Gramir Holt opened a mill in Dunmore.", "Holt sold it in 1950 to Dunmore's mayor."]
+    old = Swapper(sents, np.random.default_rng(3))
+    same = Swapper(sents, np.random.default_rng(3), _SYL)
+    assert [old(x) for x in sents] == [same(x) for x in sents]  # the classic inventory is the default
+    assert all(classic.fullmatch(new) for new, _ in ((v, k) for k, v in old.renames) if new.isalpha())
+    made_up = {}
+    for split in ("train", "eval"):
+        facts = FactsVariedTask(split=split, names="wide")
+        docs = [facts.sample(np.random.default_rng(i)).doc for i in range(30)]
+        words = {w for d in docs for w in re.findall(r"\b[A-Z][a-z]+\b", d)}
+        made_up[split] = {w for w in words if not classic.fullmatch(w)}
+        try:
+            task = make_task("text_swap", split=split, names="wide")
+        except FileNotFoundError:
+            continue
+        for i in range(10):
+            ex = task.sample(np.random.default_rng(i))
+            new = [v for _, v in ex.renames if v.isalpha()] if ex.renames else []
+            assert not any(classic.fullmatch(v) for v in new)
+    assert len(made_up["train"]) > 20 and len(made_up["eval"]) > 20
+
 def test_grouped_tasks_ask_several_questions_about_one_document():
     from d2l_integrations.engine.training_data import GroupedTask, TaskMix, make_task, one_question_per_document
 
