@@ -14,23 +14,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Sequence
 
 import torch
 
+from benchmarks.train_d2l import EVAL_SEED
 from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, _generate, add_base_model_arguments
 from d2l_integrations.engine.training_data import Example, TaskMix, make_task, name_syllables
 
 CONDITIONS = ("no_context", "d2l", "doc_only")
-EVAL_SEED = 1011  # train_d2l's held-out rows
 
 
 def made_up_words(text: str, syllables: Sequence[str]) -> set[str]:
     """Lower-cased words of ``text`` made of two or more of ``syllables`` (and nothing else)."""
-    pattern = re.compile(r"\b(?:" + "|".join(sorted(syllables, key=len, reverse=True)) + r"){2,}\b", re.IGNORECASE)
-    return {w.lower() for w in pattern.findall(text)}
+    return {w.lower() for w in _pattern(tuple(syllables)).findall(text)}
+
+
+@functools.lru_cache(maxsize=4)
+def _pattern(syllables: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"\b(?:" + "|".join(sorted(syllables, key=len, reverse=True)) + r"){2,}\b", re.IGNORECASE)
 
 
 def own_made_up(answer: str, example: Example, syllables: Sequence[str]) -> bool:

@@ -760,7 +760,10 @@ class DistillationTrainer:
     def losses(self, t_logits: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-example KL on response tokens and CE on key tokens (means over tokens)."""
         s_logp = F.log_softmax(s_logits, -1)
-        kl_tok = self.token_kl(t_logits, s_logp)
+        return self.losses_from(self.token_kl(t_logits, s_logp), s_logp, s_logits, batch)
+
+    def losses_from(self, kl_tok: torch.Tensor, s_logp: torch.Tensor, s_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """``losses`` from the per-token KL already computed (``token_kl``) and the student's log-probabilities."""
         ce_tok = -torch.gather(s_logp, -1, batch.resp_ids.unsqueeze(-1)).squeeze(-1)
         rm, km = batch.resp_mask.float(), batch.key_mask.float()
         kl = (kl_tok * rm).sum(1) / rm.sum(1).clamp_min(1)
@@ -1047,8 +1050,10 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
                 for cond in conditions:
                     fac, bias = setups[cond]
                     s_logits = trainer.student(batch, fac, bias=bias)
-                    parts = trainer.losses(t_logits, s_logits, batch)
-                    kl_tok = trainer.token_kl(t_logits, F.log_softmax(s_logits, -1)).float()
+                    s_logp = F.log_softmax(s_logits, -1)
+                    kl_tok = trainer.token_kl(t_logits, s_logp)
+                    parts = trainer.losses_from(kl_tok, s_logp, s_logits, batch)
+                    kl_tok = kl_tok.float()
                     has_key = km.sum(1) > 0  # the KL on the key (answer) tokens and on the rest, rows that have both
                     parts["key_kl"] = ((kl_tok * km).sum(1) / km.sum(1).clamp_min(1))[has_key]
                     parts["rest_kl"] = ((kl_tok * (rm - km)).sum(1) / (rm - km).sum(1).clamp_min(1))[has_key]
