@@ -119,7 +119,9 @@ def evaluate_kl(trainer: DistillationTrainer, tasks: list[str], *, n: int, task_
         exs = TaskMix([(make_task(t, split="eval", **task_kwargs), 1.0)], seed=EVAL_SEED).fixed(n)
         res = {k: round(v, 4) for k, v in teacher_forced_eval(trainer, exs, batch_size=batch_size, conditions=TF_CONDITIONS).items()}
         print(json.dumps({"eval_kl": t, "n": n, **{c: res[f"{c}_kl"] for c in TF_CONDITIONS},
-                          "doc_gain": res["doc_gain_kl"], "doc_gain_se": res["doc_gain_kl_se"], "s": round(time.time() - t0, 1)}), flush=True)
+                          "doc_gain": res["doc_gain_kl"], "doc_gain_se": res["doc_gain_kl_se"],
+                          "specific_gain": res["specific_gain_kl"], "doc_only_specific_gain": res["doc_only_specific_gain_kl"],
+                          "s": round(time.time() - t0, 1)}), flush=True)
         return t, res
 
     return _sharded(trainer, [one_question_per_document(name) for name in tasks], score)

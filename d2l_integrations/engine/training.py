@@ -1006,9 +1006,10 @@ class _nullcontext:
 
 
 # ------------------------------------------------------------------------------ evaluation
-TF_CONDITIONS = ("matched", "mismatched", "bias_only", "none", "doc_only")
+TF_CONDITIONS = ("matched", "mismatched", "bias_only", "none", "doc_only", "doc_only_mismatched")
 """Conditions of ``teacher_forced_eval``: the document's adapter with the bias LoRA (``matched``), another document's
-(``mismatched``), the bias LoRA alone, no adapter, and the document's adapter without the bias (``doc_only``)."""
+(``mismatched``), the bias LoRA alone, no adapter, the document's adapter without the bias (``doc_only``), and another
+document's without the bias (``doc_only_mismatched``, the control of ``doc_only``)."""
 
 
 @torch.no_grad()
@@ -1024,7 +1025,10 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
     response tokens (rows with key tokens only): whether an adapter helps the answer or only the wording around it.
     ``adapter_scale`` multiplies every adapter, bias included (1.0: as trained). Also ``{cond}_kl_se``, the
     standard error of each KL mean, and, with ``matched`` and ``bias_only``, ``doc_gain_kl`` (± ``doc_gain_kl_se``): the
-    mean per-row bias-only KL minus matched KL, what the document itself adds.
+    mean per-row bias-only KL minus matched KL, what the document itself adds. ``specific_gain_kl`` (mismatched minus
+    matched) and ``doc_only_specific_gain_kl`` (doc_only_mismatched minus doc_only), each ± ``_se`` over paired rows, are
+    what *this* document adds over any document's adapter: the part that is internalization, not a generic adapter
+    effect.
     """
     unknown = set(conditions) - set(TF_CONDITIONS)
     if unknown:
@@ -1045,7 +1049,7 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
                 t_logits, feats, mask = trainer.teacher(batch)
                 factors = trainer.document_factors(batch, feats, mask)
                 setups = {"matched": (factors, True), "mismatched": (_roll(factors), True), "bias_only": (None, True),
-                          "none": (None, False), "doc_only": (factors, False)}
+                          "none": (None, False), "doc_only": (factors, False), "doc_only_mismatched": (_roll(factors), False)}
                 rm, km = batch.resp_mask.float(), batch.key_mask.float()
                 for cond in conditions:
                     fac, bias = setups[cond]
@@ -1065,9 +1069,11 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
     out = {k: float(np.mean(v)) for k, v in agg.items()}
     for cond in conditions:  # standard errors of the KL means, and of what the document adds over the bias (paired rows)
         out[f"{cond}_kl_se"] = _sem(agg.get(f"{cond}_kl", []))
-    if {"matched", "bias_only"} <= set(conditions) and agg.get("matched_kl"):
-        gain = np.asarray(agg["bias_only_kl"]) - np.asarray(agg["matched_kl"])
-        out["doc_gain_kl"], out["doc_gain_kl_se"] = float(gain.mean()), _sem(gain)
+    for name, (control, cond) in {"doc_gain": ("bias_only", "matched"), "specific_gain": ("mismatched", "matched"),
+                                  "doc_only_specific_gain": ("doc_only_mismatched", "doc_only")}.items():
+        if {control, cond} <= set(conditions) and agg.get(f"{cond}_kl"):
+            gain = np.asarray(agg[f"{control}_kl"]) - np.asarray(agg[f"{cond}_kl"])
+            out[f"{name}_kl"], out[f"{name}_kl_se"] = float(gain.mean()), _sem(gain)
     return out
 
 

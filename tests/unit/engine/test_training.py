@@ -146,6 +146,11 @@ def test_teacher_forced_eval_conditions_and_adapter_scale(tiny_base):
     assert full["doc_only_kl"] != pytest.approx(full["matched_kl"], abs=1e-7)
     assert full["doc_gain_kl"] == pytest.approx(full["bias_only_kl"] - full["matched_kl"], abs=1e-9)  # a mean of paired rows
     assert full["matched_kl_se"] > 0 and full["doc_gain_kl_se"] > 0
+    # what this document adds over another's adapter, with and without the bias (paired rows)
+    assert full["specific_gain_kl"] == pytest.approx(full["mismatched_kl"] - full["matched_kl"], abs=1e-9)
+    assert full["doc_only_specific_gain_kl"] == pytest.approx(full["doc_only_mismatched_kl"] - full["doc_only_kl"], abs=1e-9)
+    assert full["doc_only_mismatched_kl"] != pytest.approx(full["mismatched_kl"], abs=1e-7)  # the bias is off in one
+    assert full["specific_gain_kl_se"] > 0 and full["doc_only_specific_gain_kl_se"] > 0
     four = trainer.eval_teacher_forced(batch_size=4)["facts"]  # the first four conditions, the same numbers
     assert four == {k: v for k, v in full.items() if not k.startswith("doc_only")}
     off = teacher_forced_eval(trainer, rows, batch_size=4, adapter_scale=0.0)  # every adapter scaled to nothing
