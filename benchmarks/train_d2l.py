@@ -54,7 +54,7 @@ from d2l_integrations.engine.training import (
 from d2l_integrations.engine.training_data import SQUAD_TRAIN_TITLES, TaskMix, make_task, one_question_per_document
 
 EVAL_CONDITIONS = ("no_context", "full_context", "d2l", "mismatched", "bias_only")
-EXTRA_CONDITIONS = ("doc_only",)  # on request: the document's adapter without the bias LoRA
+EXTRA_CONDITIONS = ("doc_only", "doc_only_mismatched")  # on request: the document's (another's) adapter without the bias LoRA
 EVAL_SEED = 1011  # held-out examples; validation/selection uses other seeds
 PART_BYTES = 15 * 2**20
 

@@ -1089,7 +1089,8 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
                 scorer: Callable[[str, Sequence[str]], float] | None = None) -> dict[str, Any]:
     """The diagnostic table: contains-accuracy of greedy answers per condition.
 
-    ``mismatched`` uses the adapter of the next document in the list (another haystack/person).
+    ``mismatched`` uses the adapter of the next document in the list (another haystack/person); ``doc_only`` and
+    ``doc_only_mismatched`` are ``d2l`` and ``mismatched`` without the bias LoRA.
     Also reports, for ``mismatched``, how often the *other* document's answer comes out (leak).
     ``scorer(prediction, answers)`` (e.g. SQuAD token F1) adds a ``score`` table (mean x 100).
     Examples with made-up names (``renames``, e.g. ``squad_swap``) add ``made_up_recall``: the %
@@ -1118,8 +1119,9 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
                 fac, bias = None, False
             else:
                 prompts = [tok.student_prompt(e.question) for e in exs]
-                fac = {"d2l": factors, "doc_only": factors, "mismatched": _roll(factors, -1)}.get(cond)
-                bias = cond not in ("no_context", "doc_only")
+                fac = {"d2l": factors, "doc_only": factors, "mismatched": _roll(factors, -1),
+                       "doc_only_mismatched": _roll(factors, -1)}.get(cond)
+                bias = cond not in ("no_context", "doc_only", "doc_only_mismatched")
             texts = _generate(trainer, prompts, fac, bias, max_new_tokens)
             for j, (e, t) in enumerate(zip(exs, texts, strict=True)):
                 hits[cond].append(any(a.lower() in t.lower() for a in e.answers))

@@ -196,15 +196,17 @@ def test_greedy_doc_only_is_the_documents_adapter_without_the_bias(tiny_base):
     torch.manual_seed(0)
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config())
     rows = trainer.eval_sets["facts"][:4]
-    conds = ("no_context", "d2l", "doc_only", "bias_only")
+    conds = ("no_context", "d2l", "doc_only", "bias_only", "mismatched", "doc_only_mismatched")
     zero_bias = greedy_eval(trainer, rows, batch_size=4, max_new_tokens=4, conditions=conds)["samples"]
     assert zero_bias["doc_only"] == zero_bias["d2l"] and zero_bias["bias_only"] == zero_bias["no_context"]  # B = 0: no bias yet
+    assert zero_bias["doc_only_mismatched"] == zero_bias["mismatched"]
     with torch.no_grad():
         for name, prm in trainer.hypernet.named_parameters():
             if name.startswith("bias_"):
                 prm.normal_(0.0, 2.0)
     big_bias = greedy_eval(trainer, rows, batch_size=4, max_new_tokens=4, conditions=conds)["samples"]
     assert big_bias["doc_only"] == zero_bias["doc_only"]  # the bias does not touch doc_only
+    assert big_bias["doc_only_mismatched"] == zero_bias["doc_only_mismatched"] != big_bias["mismatched"]
     assert big_bias["bias_only"] != big_bias["no_context"] and big_bias["d2l"] != big_bias["doc_only"]
 
 def test_key_tokens_and_response_alignment(tiny_base):
