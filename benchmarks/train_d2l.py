@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     add_names_argument(p)
     p.add_argument("--no-prefetch", action="store_true",
                    help="draw and tokenize each batch inside its step (TrainingConfig.prefetch off; for throughput comparisons)")
-    p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,cloze")
+    p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,facts_bio_fresh,cloze")
     p.add_argument("--export", action="store_true")
     p.add_argument("--skip-wrong-teacher", action="store_true",
                    help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")

@@ -86,7 +86,7 @@ case $PLAN in
   # so judge by doc_only_specific_gain_kl (real SQuAD, wiki, text_swap) and squad's doc_only key_kl against none, then
   # the greedy table, which scores doc_only and its control too. Needs /root/ckpt/s17wb: restore_ckpt.sh s17wb, then
   # stage.sh ckpt_s17wb (its own call). PER_GPU=2 on 4 GPUs; MIN=12 (the sixth condition adds evaluation time).
-  s18) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap"
+  s18) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh"
                 --eval-conditions d2l,mismatched,bias_only,doc_only,doc_only_mismatched)
        R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; T="text_swap/1-2+d1*8"; S="squad_swap/1-2+d1*5"
        B=(--ce-weight 0.3 --bias-dropout); WB=/root/ckpt/s17wb

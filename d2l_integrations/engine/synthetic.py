@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _SYLLABLES = ["var", "nel", "tho", "mir", "kes", "dal", "bri", "quon", "fen", "ost", "ral", "zu", "pel", "gra", "lio", "wen"]
@@ -50,18 +51,23 @@ class FactDocument:
     questions: tuple[FactQuestion, ...]
 
 
-def _word(rng: random.Random, parts: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
+def _word(rng: random.Random, parts: int, syllables: Sequence[str]) -> str:
+    return "".join(rng.choice(syllables) for _ in range(parts)).capitalize()
 
 
-def make_fact_documents(n: int, *, seed: int = 0) -> list[FactDocument]:
-    """``n`` invented biographies (~120 tokens, 5 facts each), deterministic given ``seed``."""
+def make_fact_documents(n: int, *, seed: int = 0, syllables: Sequence[str] | None = None) -> list[FactDocument]:
+    """``n`` invented biographies (~120 tokens, 5 facts each), deterministic given ``seed``.
+
+    ``syllables``: what the names are made of (default: the 16 of ``_SYLLABLES``, which are also in the hypernetwork's
+    classic training inventory; ``training_data.name_syllables("wide", "eval")`` gives names no network trained on).
+    """
+    syl = list(syllables) if syllables is not None else _SYLLABLES
     rng = random.Random(seed)
     docs = []
     for i in range(n):
-        name = f"{_word(rng, 2)} {_word(rng, 3)}"
+        name = f"{_word(rng, 2, syl)} {_word(rng, 3, syl)}"
         first = name.split()[0]
-        town = _word(rng, 3)
+        town = _word(rng, 3, syl)
         year = str(rng.randint(1905, 1995))
         count = str(rng.randint(3, 29))
         color = rng.choice(_COLORS)

@@ -769,14 +769,24 @@ class FactsVariedTask:
 
 
 class FactsBioTask:
-    """Evaluation only: the ``engine/synthetic.py`` biographies (a template family never trained on)."""
+    """Evaluation only: the ``engine/synthetic.py`` biographies (a template family never trained on).
+
+    ``fresh_names`` (task ``facts_bio_fresh``): the same documents with names made of the held-out ``wide`` syllables
+    instead of ``synthetic``'s 16, which are in the classic training inventory: a network that learned that inventory
+    (session 15) cannot lean on it here.
+    """
 
     name = "facts_bio"
+
+    def __init__(self, *, fresh_names: bool = False) -> None:
+        self._syllables = name_syllables("wide", "eval") if fresh_names else None
+        if fresh_names:
+            self.name = "facts_bio_fresh"
 
     def sample(self, rng: np.random.Generator) -> Example:
         from d2l_integrations.engine.synthetic import make_fact_documents  # stdlib only
 
-        doc = make_fact_documents(1, seed=int(rng.integers(10**9)) + 7_000_000)[0]
+        doc = make_fact_documents(1, seed=int(rng.integers(10**9)) + 7_000_000, syllables=self._syllables)[0]
         q = doc.questions[int(rng.integers(len(doc.questions)))]
         return Example(doc.text, q.question, "", "", (q.answer,), self.name, teacher_response=True)
 
@@ -1023,7 +1033,7 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` / ``facts_bio_fresh`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
     / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
@@ -1062,8 +1072,8 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return FactsTask()
     if name == "facts_varied":
         return FactsVariedTask(split=split, **{k: v for k, v in kwargs.items() if k == "names"})
-    if name == "facts_bio":
-        return FactsBioTask()
+    if name in ("facts_bio", "facts_bio_fresh"):
+        return FactsBioTask(fresh_names=name == "facts_bio_fresh")
     if name == "cloze":
         return ClozeTask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name in ("text", "text_swap", "recite_swap", "wiki", "wiki_swap", "wiki_recite"):
@@ -1077,7 +1087,7 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root", "names")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets.")
+           "facts_varied, facts_bio, facts_bio_fresh, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets.")
     raise ValueError(msg)
 
 

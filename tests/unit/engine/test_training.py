@@ -1098,3 +1098,24 @@ def test_chunks_ride_in_the_teacher_pass_once_each(tiny_base):
     for m in merged:
         assert torch.allclose(merged[m][0], separate[m][0], atol=1e-5) and torch.allclose(merged[m][1], separate[m][1], atol=1e-5)
     assert torch.equal(merged["down_proj"][1][0], merged["down_proj"][1][2])  # one document, one adapter
+
+
+def test_facts_bio_fresh_is_facts_bio_with_names_from_held_out_syllables():
+    import re
+
+    from d2l_integrations.engine.synthetic import _SYLLABLES, make_fact_documents
+    from d2l_integrations.engine.training_data import make_task, name_syllables
+
+    old, fresh = make_task("facts_bio"), make_task("facts_bio_fresh")
+    assert (old.name, fresh.name) == ("facts_bio", "facts_bio_fresh")
+    a, b = old.sample(np.random.default_rng(5)), fresh.sample(np.random.default_rng(5))
+    assert a.doc != b.doc and " was born in the town of " in a.doc and " was born in the town of " in b.doc  # same family
+    held = name_syllables("wide", "eval")
+    made_of = lambda syl: re.compile(f"(?:{'|'.join(sorted(syl, key=len, reverse=True))})+", re.IGNORECASE)  # noqa: E731
+    for i in range(20):
+        doc = fresh.sample(np.random.default_rng(i)).doc
+        name = doc.split(" was born in the town of ")[0].split()
+        town = doc.split(" was born in the town of ")[1].split(".")[0]
+        assert all(made_of(held).fullmatch(w) for w in [*name, town])
+        assert not any(made_of(_SYLLABLES).fullmatch(w) for w in [*name, town])
+    assert make_fact_documents(3, seed=9) == make_fact_documents(3, seed=9, syllables=_SYLLABLES)  # the default as it was
