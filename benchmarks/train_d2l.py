@@ -264,8 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen,
                           "peak_gpu_gib": peak}), flush=True)
     table = {}
-    if args.eval and args.eval_n > 0:  # --eval-n 0: only the teacher-forced table (--eval-kl) of the --eval tasks
-        table = evaluate(trainer, [t for t in args.eval.split(",") if t], n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
+    # --eval-n 0: only the teacher-forced table (--eval-kl) of the --eval tasks; offtopic_* rows have no gold answer,
+    # so they are scored teacher-forced only
+    greedy_tasks = [t for t in args.eval.split(",") if t and not t.startswith("offtopic_")]
+    if greedy_tasks and args.eval_n > 0:
+        table = evaluate(trainer, greedy_tasks, n=args.eval_n, f1_tasks=set(args.f1_tasks.split(",")),
                          task_kwargs=task_kwargs, batch_size=args.eval_batch, conditions=conditions)
     kl_table = evaluate_kl(trainer, [t for t in args.eval.split(",") if t], n=args.eval_kl, task_kwargs=task_kwargs,
                            batch_size=args.eval_batch) if args.eval_kl else {}

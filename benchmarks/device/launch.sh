@@ -81,12 +81,14 @@ case $PLAN in
   # wiki (1.092 / 1.281), and text_swap's doc_gain doubled (0.63 vs 0.27). Real SQuAD moved in no run (doc_gain <= 0.024).
   # Runs: continue s17wb (its recipe on a new seed; the bias never (1.0) or 90 % of the time dropped; plain SQuAD in
   # place of squad_swap, whose made-up answers may be what costs real SQuAD; more prose: wiki 3.6 + wiki_swap 1.2, or
-  # text_swap 1.8; --names wide), and s17wq's recipe (wiki + plain SQuAD 1.8: the run that kept facts best, 47.7 / 43.8;
+  # text_swap 1.8; off-topic questions (offtopic_wiki, offtopic_squad: a document and a question about another one,
+  # so the adapter learns to change such an answer only as much as reading the document does: the generic cost,
+  # scored teacher-forced on every run), and s17wq's recipe (wiki + plain SQuAD 1.8: the run that kept facts best, 47.7 / 43.8;
   # its checkpoint did not come back) with dropout, from S10s2. The teacher-forced table has doc_only_mismatched,
   # so judge by doc_only_specific_gain_kl (real SQuAD, wiki, text_swap) and squad's doc_only key_kl against none, then
   # the greedy table, which scores doc_only and its control too. Needs /root/ckpt/s17wb: restore_ckpt.sh s17wb, then
   # stage.sh ckpt_s17wb (its own call). PER_GPU=2 on 4 GPUs; MIN=12 (the sixth condition adds evaluation time).
-  s18) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh"
+  s18) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
                 --eval-conditions d2l,mismatched,bias_only,doc_only,doc_only_mismatched)
        R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; T="text_swap/1-2+d1*8"; S="squad_swap/1-2+d1*5"
        B=(--ce-weight 0.3 --bias-dropout); WB=/root/ckpt/s17wb
@@ -96,7 +98,7 @@ case $PLAN in
              "s18bW --init $WB --data-seed 34 ${B[*]} 0.5 --tasks $MIX,$R:3.6,$RS:1.2"
              "s18bt --init $WB --data-seed 35 ${B[*]} 0.5 --tasks $BASEMIX,$T:1.8,$S:1.2,$R:1.2"
              "s18wqb --init $SHIPPED --data-seed 36 ${B[*]} 0.5 --tasks $MIX,$R:1.2,$Q:1.8"
-             "s18bn --init $WB --data-seed 37 ${B[*]} 0.5 --tasks $MIX,$R:1.2 --names wide"
+             "s18bo --init $WB --data-seed 37 ${B[*]} 0.5 --tasks $MIX,$R:1.2,offtopic_wiki/1:0.6,offtopic_squad/1:0.6"
              "s18b9 --init $WB --data-seed 38 ${B[*]} 0.9 --tasks $MIX,$R:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac

@@ -1066,7 +1066,7 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
     finally:
         trainer.scaling = scaling
         trainer.hypernet.train(was_training)
-    out = {k: float(np.mean(v)) for k, v in agg.items()}
+    out = {k: float(np.mean(v)) for k, v in agg.items() if v}  # no key_kl where no row has key tokens (offtopic_*)
     for cond in conditions:  # standard errors of the KL means, and of what the document adds over the bias (paired rows)
         out[f"{cond}_kl_se"] = _sem(agg.get(f"{cond}_kl", []))
     for name, (control, cond) in {"doc_gain": ("bias_only", "matched"), "specific_gain": ("mismatched", "matched"),

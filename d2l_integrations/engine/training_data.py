@@ -1034,7 +1034,8 @@ def one_question_per_document(name: str) -> str:
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
     / ``facts`` / ``facts_varied`` / ``facts_bio`` / ``facts_bio_fresh`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
-    / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``).
+    / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``); ``offtopic_<task>`` asks
+    about another document of ``<task>`` (``OffTopicTask``): ``offtopic_wiki``.
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
@@ -1058,7 +1059,37 @@ def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - o
     return GroupedTask(task, int(per_doc)) if per_doc is not None else task
 
 
+class OffTopicTask:
+    """A document and a question about *another* document of the same task (``offtopic_<task>``): what an adapter does
+    to a question it has nothing to say about.
+
+    The response is that question's own (the gold span, or the teacher's answer about the other document: cached, so
+    no generation per step) and carries no key; the KL targets come, as always, from the teacher reading *this*
+    document. So the rows ask the adapter to move an unrelated answer only as much as having read the document moves
+    it (session 16: on real SQuAD any document's adapter costs 0.08 nats over no adapter, the bias LoRA 0.40, more
+    than the right document gives back). No gold answer: the rows train the KL alone, and greedy accuracy means nothing
+    on them (``train_d2l`` scores them teacher-forced only).
+    """
+
+    def __init__(self, task: object) -> None:
+        self.task = task
+        self.name = f"offtopic_{task.name}"  # type: ignore[attr-defined]
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        asked = self.task.sample(rng)  # type: ignore[attr-defined]
+        source = asked.teacher_doc or asked.doc  # the text that answers the question
+        for _ in range(8):  # another document, without that text (SQuAD: another part of the article may come back)
+            read = self.task.sample(rng)  # type: ignore[attr-defined]
+            if source not in read.doc and (read.teacher_doc or read.doc) not in asked.doc:
+                break
+        return Example(read.doc, asked.question, asked.response, "", (), self.name, teacher_response=asked.teacher_response,
+                       teacher_doc=asked.teacher_doc or asked.doc if asked.teacher_response else "",
+                       teacher_question=asked.teacher_question, renames=asked.renames)
+
+
 def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
+    if name.startswith("offtopic_"):
+        return OffTopicTask(_base_task(name.removeprefix("offtopic_"), split, kwargs))
     needle_kw = {k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")}
     if name == "needle":
         return NeedleTask(split=split, **needle_kw)
@@ -1087,7 +1118,8 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root", "names")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, facts_bio_fresh, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets.")
+           "facts_varied, facts_bio, facts_bio_fresh, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets, "
+           "and offtopic_<any of these>.")
     raise ValueError(msg)
 
 

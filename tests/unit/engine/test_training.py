@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -1119,3 +1120,37 @@ def test_facts_bio_fresh_is_facts_bio_with_names_from_held_out_syllables():
         assert all(made_of(held).fullmatch(w) for w in [*name, town])
         assert not any(made_of(_SYLLABLES).fullmatch(w) for w in [*name, town])
     assert make_fact_documents(3, seed=9) == make_fact_documents(3, seed=9, syllables=_SYLLABLES)  # the default as it was
+
+
+def test_offtopic_rows_ask_about_another_document_and_train_on_the_teacher_alone(tiny_base):
+    from d2l_integrations.engine.training_data import make_task
+
+    base, off = make_task("facts_varied"), make_task("offtopic_facts_varied")
+    assert off.name == "offtopic_facts_varied"
+    for seed in range(5):
+        asked = base.sample(np.random.default_rng(seed))
+        e = off.sample(np.random.default_rng(seed))
+        assert e.question == asked.question and e.doc != asked.doc  # the question is about the document drawn first
+        assert e.answers == () and e.key == "" and e.response == asked.response  # the question's own answer, no key
+    assert make_task("offtopic_facts_varied/1-2+d1").name == "offtopic_facts_varied/1-2+d1"
+    with pytest.raises(ValueError, match="drop its"):
+        make_task("offtopic_facts_varied*2")
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("offtopic_facts_varied", 1.0),),
+                                                                               skip_wrong_teacher=True))
+    rec = trainer.train_step()  # no gold answer: the rows are not "wrong", they train the KL alone
+    assert math.isfinite(rec["loss"]) and trainer.skipped_rows == 0 and trainer.wrong_teacher_rows == 0
+
+
+def test_offtopic_squad_reuses_the_cached_teacher_answer_about_the_other_paragraph():
+    from d2l_integrations.engine.training import _teacher_key
+    from d2l_integrations.engine.training_data import make_task
+
+    try:
+        base, off = make_task("squad"), make_task("offtopic_squad")
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"needs ../shared/data's SQuAD articles: {err}")
+    known = {_teacher_key(e) for e in base.teacher_examples()}  # what precompute_teacher_responses generates
+    for seed in range(20):
+        asked, e = base.sample(np.random.default_rng(seed)), off.sample(np.random.default_rng(seed))
+        assert e.teacher_response and _teacher_key(e) == _teacher_key(asked) in known  # no generation per step
+        assert (asked.teacher_doc or asked.doc) not in e.doc  # the paragraph that answers it is not what the student reads
