@@ -86,10 +86,12 @@ case $PLAN in
   # scored teacher-forced on every run), and s17wq's recipe (wiki + plain SQuAD 1.8: the run that kept facts best, 47.7 / 43.8;
   # its checkpoint did not come back) with dropout, from S10s2. The teacher-forced table has doc_only_mismatched,
   # so judge by doc_only_specific_gain_kl (real SQuAD, wiki, text_swap) and squad's doc_only key_kl against none, then
-  # the greedy table, which scores doc_only and its control too. Needs /root/ckpt/s17wb: restore_ckpt.sh s17wb, then
-  # stage.sh ckpt_s17wb (its own call). PER_GPU=2 on 4 GPUs; MIN=12 (the sixth condition adds evaluation time).
+  # the greedy table, which scores doc_only too (its control, doc_only_mismatched, is teacher-forced only: greedy
+  # conditions are most of the evaluation time, ~120 s each a run in s17). Needs /root/ckpt/s17wb: restore_ckpt.sh s17wb, then
+  # stage.sh ckpt_s17wb (its own call). PER_GPU=2 on 4 GPUs; MIN=12: with the fourth greedy condition and three more tasks a run's evaluation takes
+  # ~570 s (s17: ~390), so a run ends ~1,350 s after launch.
   s18) TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
-                --eval-conditions d2l,mismatched,bias_only,doc_only,doc_only_mismatched)
+                --eval-conditions d2l,mismatched,bias_only,doc_only)
        R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; T="text_swap/1-2+d1*8"; S="squad_swap/1-2+d1*5"
        B=(--ce-weight 0.3 --bias-dropout); WB=/root/ckpt/s17wb
        RUNS=("s18b --init $WB --data-seed 31 ${B[*]} 0.5 --tasks $MIX,$R:1.2"
