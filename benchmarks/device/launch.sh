@@ -78,7 +78,8 @@ case $PLAN in
   # real passages: wiki's answer-token KL with bias + document fell from 1.87 (s17k) to 1.22-1.33, at or below no
   # adapter (1.32). And --bias-dropout 0.5 (s17wb) makes the document's adapter carry the document alone: teacher-forced,
   # doc_only is at or below matched on facts (0.216 / 0.199), needle_para (0.123 / 0.092), facts_bio (0.432 / 0.506) and
-  # wiki (1.092 / 1.281), and text_swap's doc_gain doubled (0.63 vs 0.27). Real SQuAD moved in no run (doc_gain <= 0.024).
+  # wiki (1.092 / 1.281); text_swap's doc_gain doubled (0.63 vs 0.27), but against another document's adapter (the specific
+  # gain, new) it is S10s2's (0.20 / 0.18): the document is not more in it. Real SQuAD moved in no run (doc_gain <= 0.024).
   # Runs: continue s17wb (its recipe on a new seed; the bias never (1.0) or 90 % of the time dropped; plain SQuAD in
   # place of squad_swap, whose made-up answers may be what costs real SQuAD; more prose: wiki 3.6 + wiki_swap 1.2, or
   # text_swap 1.8; off-topic questions (offtopic_wiki, offtopic_squad: a document and a question about another one,
