@@ -1048,8 +1048,9 @@ def teacher_forced_eval(trainer: DistillationTrainer, examples: Sequence[Example
             with trainer.autocast:
                 t_logits, feats, mask = trainer.teacher(batch)
                 factors = trainer.document_factors(batch, feats, mask)
-                setups = {"matched": (factors, True), "mismatched": (_roll(factors), True), "bias_only": (None, True),
-                          "none": (None, False), "doc_only": (factors, False), "doc_only_mismatched": (_roll(factors), False)}
+                rolled = _roll(factors)
+                setups = {"matched": (factors, True), "mismatched": (rolled, True), "bias_only": (None, True),
+                          "none": (None, False), "doc_only": (factors, False), "doc_only_mismatched": (rolled, False)}
                 rm, km = batch.resp_mask.float(), batch.key_mask.float()
                 for cond in conditions:
                     fac, bias = setups[cond]
@@ -1113,15 +1114,15 @@ def greedy_eval(trainer: DistillationTrainer, examples: Sequence[Example], *, ba
         batch = tok.batch([e if e.response else dataclasses.replace(e, response=" ") for e in exs], trainer.device)
         _, feats, mask = trainer.teacher(batch)
         factors = trainer.document_factors(batch, feats, mask)
+        rolled = _roll(factors, -1)
+        setups = {"full_context": (None, False), "no_context": (None, False), "d2l": (factors, True), "mismatched": (rolled, True),
+                  "bias_only": (None, True), "doc_only": (factors, False), "doc_only_mismatched": (rolled, False)}
         for cond in conditions:
+            fac, bias = setups[cond]
             if cond == "full_context":
                 prompts = [tok.teacher_prompt(tok.truncate_doc(e.doc), e.question)[0] for e in exs]
-                fac, bias = None, False
             else:
                 prompts = [tok.student_prompt(e.question) for e in exs]
-                fac = {"d2l": factors, "doc_only": factors, "mismatched": _roll(factors, -1),
-                       "doc_only_mismatched": _roll(factors, -1)}.get(cond)
-                bias = cond not in ("no_context", "doc_only", "doc_only_mismatched")
             texts = _generate(trainer, prompts, fac, bias, max_new_tokens)
             for j, (e, t) in enumerate(zip(exs, texts, strict=True)):
                 hits[cond].append(any(a.lower() in t.lower() for a in e.answers))

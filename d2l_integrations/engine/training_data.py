@@ -1082,6 +1082,9 @@ class OffTopicTask:
             read = self.task.sample(rng)  # type: ignore[attr-defined]
             if source not in read.doc and (read.teacher_doc or read.doc) not in asked.doc:
                 break
+        else:
+            msg = f"{self.name}: 8 draws of {self.task.name!r} gave no other document; it needs a task with many documents."  # type: ignore[attr-defined]
+            raise ValueError(msg)
         return Example(read.doc, asked.question, asked.response, "", (), self.name, teacher_response=asked.teacher_response,
                        teacher_doc=asked.teacher_doc or asked.doc if asked.teacher_response else "",
                        teacher_question=asked.teacher_question, renames=asked.renames)

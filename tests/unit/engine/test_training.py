@@ -1135,6 +1135,17 @@ def test_offtopic_rows_ask_about_another_document_and_train_on_the_teacher_alone
     assert make_task("offtopic_facts_varied/1-2+d1").name == "offtopic_facts_varied/1-2+d1"
     with pytest.raises(ValueError, match="drop its"):
         make_task("offtopic_facts_varied*2")
+
+    class OneDocument:
+        name = "one"
+
+        def sample(self, rng):
+            return Example("The only document.", "What is it?", "It is the only one.", "", (), "one")
+
+    from d2l_integrations.engine.training_data import OffTopicTask
+
+    with pytest.raises(ValueError, match="no other document"):
+        OffTopicTask(OneDocument()).sample(np.random.default_rng(0))
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("offtopic_facts_varied", 1.0),),
                                                                                skip_wrong_teacher=True))
     rec = trainer.train_step()  # no gold answer: the rows are not "wrong", they train the KL alone
