@@ -103,18 +103,36 @@ case $PLAN in
              "s18wqb --init $SHIPPED --data-seed 36 ${B[*]} 0.5 --tasks $MIX,$R:1.2,$Q:1.8"
              "s18bo --init $WB --data-seed 37 ${B[*]} 0.5 --tasks $MIX,$R:1.2,offtopic_wiki/1:0.6,offtopic_squad/1:0.6"
              "s18b9 --init $WB --data-seed 38 ${B[*]} 0.9 --tasks $MIX,$R:1.2") ;;
+  # session 18: s18 (session 17) found every lever on a single run at the same place: SQuAD's specific gain 0.064-0.080
+  # (+-0.022) in all 8 runs, doc only 0.051-0.064, wiki 0.06-0.10, text_swap 0.20-0.24 (s17wb, their start, 0.067 / 0.047
+  # at n = 48), whatever the dropout (0.5, 0.9, 1.0), plain SQuAD, more prose or off-topic rows. What no run has had is
+  # more distinct rows: each saw ~1,750 steps x 32 rows (~56k) in 12 minutes. Here each run is ONE data-parallel job
+  # over all GPUs (torchrun, one rank a GPU, NCCL; two jobs share the GPUs as PER_GPU=2 did), so each sees NGPU x the
+  # rows in the same time (batch 32 a rank, lr 3e-4 as before). s19W: s18bW's recipe from s18bW's own start (s17wb) on a
+  # new seed, so against s18bW the only difference is 4x the rows; s19Wc continues s18bW (the candidate) on its recipe.
+  # Evaluation is shared over the ranks (each rank scores every NGPU-th task), so MIN=16 ends near s18's ~1,390 s.
+  # Needs /root/ckpt/s17wb (restore_ckpt.sh s17wb; stage.sh ckpt_s17wb) and /root/ckpt/s18bW (the same, s18bW).
+  s19) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
+                      --eval-conditions d2l,mismatched,bias_only,doc_only)
+       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; B=(--ce-weight 0.3 --bias-dropout 0.5)
+       RUNS=("s19W --init /root/ckpt/s17wb --data-seed 41 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2"
+             "s19Wc --init /root/ckpt/s18bW --data-seed 42 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU
 # machine can still run a 4-run plan; mind the memory (batch 32 peaks at 35-38 GiB, batch 64 at about twice that).
-SLOTS=$(( NGPU * ${PER_GPU:-1} ))
+# DP=1 (plan s19): every run is one data-parallel job over all GPUs instead (torchrun --standalone picks a free port,
+# so the jobs run side by side; one rank a GPU talks over NCCL).
+SLOTS=$(( NGPU * ${PER_GPU:-1} )); [ "${DP:-0}" = 1 ] && SLOTS=${#RUNS[@]}
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-  CUDA_VISIBLE_DEVICES=$(( i % NGPU )) setsid nohup python3 -m benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" "${TF_EVAL[@]}" $extra \
+  if [ "${DP:-0}" = 1 ]; then GPU=all; LAUNCH=(torchrun --standalone --nproc-per-node "$NGPU" -m)
+  else GPU=$(( i % NGPU )); export CUDA_VISIBLE_DEVICES=$GPU; LAUNCH=(python3 -m); fi
+  setsid nohup "${LAUNCH[@]}" benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" "${TF_EVAL[@]}" $extra \
       --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
-  echo "GPU $(( i % NGPU )): $name $extra"
+  echo "GPU $GPU: $name $extra"
 done
 sleep ${FIRST_WAIT:-60}
 for d in /root/runs/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done
