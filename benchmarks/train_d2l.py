@@ -2,9 +2,10 @@
 
 One resumable run in ``--work`` (state.pt, log.jsonl; re-running the same command resumes), then
 the greedy diagnostic table per evaluation task (no-context / full-context / D2L / mismatched /
-bias-only, plus SQuAD token F1 where ``--f1-tasks`` says), then optionally the checkpoint in our
+bias-only, plus SQuAD token F1 where ``--f1-tasks`` says). With ``--export``, the checkpoint in our
 format, its weights split into parts small enough for the device tool to bring back
-(``cat hypernetwork.safetensors.part* > hypernetwork.safetensors``).
+(``cat hypernetwork.safetensors.part* > hypernetwork.safetensors``): written as soon as training
+stops, so the weights can be fetched while the evaluation runs, and again with the table at the end.
 
 Task specs are ``training_data.make_task`` names with weights: ``facts_varied/1-4+d2:2`` is the
 varied-facts task with documents cut into 1-4 chunks whose adapters are summed, plus up to two
@@ -127,7 +128,7 @@ def evaluate_kl(trainer: DistillationTrainer, tasks: list[str], *, n: int, task_
     return _sharded(trainer, [one_question_per_document(name) for name in tasks], score)
 
 
-def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table: dict) -> Path:
+def export(hyper: torch.nn.Module, out: Path, *, data_summary: dict, eval_table: dict | None) -> Path:
     """Save a bf16 copy in our checkpoint format, then split the weights into parts."""
     small = copy.deepcopy(hyper).to(torch.bfloat16).cpu()
     folder = save_checkpoint(small, out / "checkpoint", data_summary=data_summary, eval_table=eval_table, overwrite=True)
@@ -255,6 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'resumed at step ' + str(trainer.step) if resumed else 'fresh run from ' + str(args.init)}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def data_summary() -> dict:
+        return {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
+                **({"new_head": args.new_head} if args.new_head else {}),
+                **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
+                **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
+                **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
+                "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
+                **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}),
+                **({"names": args.names} if args.names != "classic" else {}), "batch_size": args.batch_size * trainer.world_size,
+                **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
+                "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
+
     if args.minutes > 0:
         t0 = time.time()
         done = trainer.precompute_teacher_responses()
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if base.device.type == "cuda" else None
         print(json.dumps({"trained_to_step": res["step"], "elapsed_s": round(res["elapsed_s"], 1), "tokens_seen": trainer.tokens_seen,
                           "peak_gpu_gib": peak}), flush=True)
+        if args.export and trainer.is_main:  # the weights first: the evaluation takes minutes, and a machine may go first
+            print(f"exported {export(hyper, out, data_summary=data_summary(), eval_table=None)} (before the evaluation)", flush=True)
     table = {}
     # --eval-n 0: only the teacher-forced table (--eval-kl) of the --eval tasks; offtopic_* rows have no gold answer,
     # so they are scored teacher-forced only
@@ -287,18 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         if kl_table:
             (out / "eval_kl.json").write_text(json.dumps(kl_table, indent=1))
         if args.export:
-            summary = {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
-                       **({"new_head": args.new_head} if args.new_head else {}),
-                       **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
-                       **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
-                       **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
-                       "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
-                       **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}),
-                       **({"names": args.names} if args.names != "classic" else {}), "batch_size": args.batch_size * trainer.world_size,
-                       **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
-                       "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}
             compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
-            folder = export(hyper, out, data_summary=summary, eval_table=compact)
+            folder = export(hyper, out, data_summary=data_summary(), eval_table=compact)
             print(f"exported {folder}", flush=True)
         if cache.is_file():  # bring the teacher answers back so the next machine need not regenerate them
             (out / "teacher_answers.json.gz").write_bytes(gzip.compress(cache.read_bytes()))

@@ -825,7 +825,7 @@ def test_made_up_recall_counts_the_documents_invented_words_the_question_lacks(t
     assert "made_up_recall" not in greedy_eval(trainer, [dataclasses.replace(r, renames=()) for r in rows], max_new_tokens=4)
 
 
-def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, tmp_path):
+def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, tmp_path, capsys):
     from benchmarks.train_d2l import main
     from d2l_integrations.engine.base_model import load_base_model
     from d2l_integrations.engine.checkpoint import save_checkpoint
@@ -839,6 +839,11 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
           "--grow-rank", "3", "--grow-latents", "2", "--export", "--eval-every", "1", "--ce-weight", "0.5"])
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["metadata"]["data_summary"]["ce_weight"] == 0.5
+    printed = capsys.readouterr().out.splitlines()
+    exports = [i for i, line in enumerate(printed) if line.startswith("exported ")]
+    trained = next(i for i, line in enumerate(printed) if '"trained_to_step"' in line)
+    assert len(exports) == 2 and exports[0] == trained + 1  # once before the evaluation, once with its table
+    assert printed[exports[0]].endswith("(before the evaluation)")
     log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval" in r] == [1, 2]  # --eval-every 1: a held-out teacher-forced eval per step
     assert "matched_kl" in next(r for r in log if "eval" in r)["eval"]["facts"]
