@@ -300,6 +300,21 @@ def test_bf16_base_with_fp32_hypernetwork(net: Hypernetwork, base: BaseModel) ->
         assert torch.isfinite(bf16.model(input_ids=torch.tensor([[1, 4, 5]])).logits).all()
 
 
+def test_bf16_checkpoint_computes_in_float32_on_a_float32_base(net: Hypernetwork, base: BaseModel) -> None:
+    # a CPU without native bf16 loads the base in float32; emulated bf16 matmuls there cost 2.5x per chunk
+    stored = copy.deepcopy(net).to(torch.bfloat16)
+    internalizer = HypernetworkInternalizer(stored)
+    assert internalizer.compute_dtype(base) == torch.float32
+    [adapter] = internalizer.internalize_chunks(base, ["some document text"])
+    assert next(internalizer.hypernetwork.parameters()).dtype == torch.float32
+    [exact] = HypernetworkInternalizer(copy.deepcopy(stored).float()).internalize_chunks(base, ["some document text"])
+    for name in adapter.weights:
+        assert adapter.weights[name].lora_A.dtype == torch.bfloat16  # handed out in the checkpoint's dtype, as before
+        torch.testing.assert_close(adapter.weights[name].lora_A, exact.weights[name].lora_A.to(torch.bfloat16))
+    bf16 = BaseModel(model=copy.deepcopy(base.model).to(torch.bfloat16), tokenizer=base.tokenizer, name="tiny", revision="rev-1")
+    assert HypernetworkInternalizer(copy.deepcopy(net).to(torch.bfloat16)).compute_dtype(bf16) == torch.bfloat16
+
+
 @pytest.mark.parametrize("system_prompt", [None, "Be brief."])
 def test_chat_prefix_equals_the_trainers_document_prefix(base: BaseModel, system_prompt: str | None) -> None:
     """Inference features must be computed over exactly the prefix the trainer encoded."""
