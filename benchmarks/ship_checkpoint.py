@@ -47,7 +47,7 @@ def ship(run_checkpoint: Path, shipped: Path, source: str) -> dict[str, Any]:
     """Replace ``shipped`` by ``run_checkpoint`` (see the module docstring); returns the new metadata."""
     from safetensors.torch import load_file
 
-    read_checkpoint_config(run_checkpoint)  # a clear error if it is not a checkpoint folder
+    new_config, _ = read_checkpoint_config(run_checkpoint)  # a clear error if either is not a checkpoint folder
     read_checkpoint_config(shipped)
     new_doc = json.loads((run_checkpoint / CONFIG_NAME).read_text())
     old_doc = json.loads((shipped / CONFIG_NAME).read_text())
@@ -56,7 +56,7 @@ def ship(run_checkpoint: Path, shipped: Path, source: str) -> dict[str, Any]:
                f"{old_doc['hypernetwork']['base_model']!r}: ship it into that base model's folder instead.")
         raise ValueError(msg)
     state = load_file(str(run_checkpoint / WEIGHTS_NAME))
-    checkpoint_id = compute_checkpoint_id(state, read_checkpoint_config(run_checkpoint)[0])
+    checkpoint_id = compute_checkpoint_id(state, new_config)
     if checkpoint_id != new_doc["metadata"]["checkpoint_id"]:
         msg = (f"{run_checkpoint / WEIGHTS_NAME} hashes to {checkpoint_id}, its config says "
                f"{new_doc['metadata']['checkpoint_id']}: the weights or the config are not the run's; export it again.")
