@@ -73,8 +73,9 @@ def test_ingest_list_ask_export_delete(tmp_path: Path) -> None:
     listed = _ok("list", "--store", store)
     assert doc_id in listed.stdout
 
+    # 64 tokens: in bf16 the model first restates where the observatory stands, and 32 tokens cut the name in half
     asked = _ok("ask", "Who founded the Quillon Observatory?", "--store", store, "--route", "rag", "--json",
-                "--max-new-tokens", "32")
+                "--max-new-tokens", "64")
     payload = json.loads(asked.stdout)  # nothing but the JSON on stdout
     assert payload["decision"]["route"] == "rag"
     assert "Ormsby" in payload["answer"], payload["answer"]
