@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # where that time goes: the base model's pass over the chunk (features) vs the hypernetwork on them
     enc_ids = torch.tensor([internalizer.tokenize_chunk(base, chunk)])
     enc_mask = torch.ones_like(enc_ids)
+    encoded = {}
     with torch.inference_mode():
-        encoder_s = median_time(lambda: encode_context(base, enc_ids, enc_mask))
-        features = encode_context(base, enc_ids, enc_mask)
+        encoder_s = median_time(lambda: encoded.update(features=encode_context(base, enc_ids, enc_mask)))
+        features = encoded["features"]
         hypernetwork_s = median_time(lambda: internalizer.hypernetwork(features, enc_mask.to(features.device)))
 
     question = [{"role": "user", "content": "Who founded the Zorblax Institute, and when?"}]
