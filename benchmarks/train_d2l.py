@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bias-dropout", type=float, default=0.0,
                    help="probability that a step trains without the bias LoRA, on the document's adapter alone "
                         "(TrainingConfig.bias_dropout)")
+    p.add_argument("--anneal-to-deadline", action="store_true",
+                   help="end the cosine at the step --minutes is expected to reach, re-estimated from the pace, instead of "
+                        "at --max-steps (TrainingConfig.anneal_to_deadline): a stage cut by time ends annealed")
     p.add_argument("--max-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=32, help="documents per step and process (under torchrun the step's batch is this x N)")
     p.add_argument("--eval", default="", help="comma-separated evaluation tasks (held-out split)")
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                          ce_weight=args.ce_weight,
                          task_kwargs={t: dict(task_kwargs) for t, _ in tasks}, eval_every=args.eval_every, save_every=100, log_every=25,
                          skip_wrong_teacher=args.skip_wrong_teacher, recon_weight=args.recon_weight, train_pool=args.train_pool,
-                         data_seed=args.data_seed, prefetch=not args.no_prefetch, bias_dropout=args.bias_dropout)
+                         data_seed=args.data_seed, prefetch=not args.no_prefetch, bias_dropout=args.bias_dropout,
+                         anneal_to_deadline=args.anneal_to_deadline)
     history = init_history(args.init, cfg, repeat=args.repeat_data)  # refuses a repeat before the base model loads
     from d2l_integrations.engine.base_model import load_base_model
 
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
                 "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
                 **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}),
+                **({"annealed_to_step": trainer.horizon} if args.anneal_to_deadline else {}),
                 **({"names": args.names} if args.names != "classic" else {}), "batch_size": args.batch_size * trainer.world_size,
                 **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),
                 "squad_train_titles": list(SQUAD_TRAIN_TITLES), "code": "benchmarks/train_d2l.py"}

@@ -120,30 +120,45 @@ case $PLAN in
   # session 19: s19 (session 18, 2 x H200: two 2-rank jobs, each ~2x s18bW's rows in 15 minutes) left SQuAD's specific
   # gain where all 10 runs before it put it (0.072 / 0.082 +- 0.023 against s18bW's 0.077); continuing s18bW (s19Wc)
   # raised wiki's (0.102 -> 0.162 +- 0.04) and kept facts and needles; from s17wb with 2x the rows per step (s19W) lost
-  # facts (36.7) and needle_para (89.5), as batch 64 did in s15w. Runs, both from s19Wc on data-parallel jobs:
-  # s20c continues its recipe on a new seed (is the prose trend real? the candidate to ship); s20p trains on prose alone
-  # (wiki, wiki_swap, text_swap, squad_swap, plain squad): does SQuAD move once facts and needles stop taking the
-  # capacity? If s20p's SQuAD specific gain stays at ~0.08, the mix is not the limit either, and the encoder's reading
-  # of natural text is (next: per-document latent targets regressed by the encoder, session 12's probe).
-  # Needs /root/ckpt/s19Wc (restore_ckpt.sh s19Wc; stage.sh ckpt_s19Wc).
+  # facts (36.7) and needle_para (89.5), as batch 64 did in s15w. And no stage of any lineage was ever annealed: each
+  # ran a cosine over --max-steps but stopped by time ~45 % of the way down it, at ~0.6x the peak lr. Runs, all from
+  # s19Wc on 2-rank data-parallel jobs (s19's 64 rows a step): s20c continues the recipe and ends annealed
+  # (--anneal-to-deadline: the cosine ends at the step the deadline is expected at; the candidate to ship); s20n is
+  # s20c without the anneal (same seed, so the same batches: the anneal's control); s20p trains on prose alone
+  # (wiki, wiki_swap, text_swap, squad_swap, plain squad), annealed: does SQuAD move once facts and needles stop taking
+  # the capacity?; s20l is s20c at a third of the peak lr (1e-4, annealed). If s20p's SQuAD specific gain stays at
+  # ~0.08, the mix is not the limit either (next: per-document latent targets regressed by the encoder, session 12).
+  # Jobs: RANKS=2 GPUs each; an H200 holds two processes (~37 GiB each), an H100 one, so 4 x H200 runs all four,
+  # 4 x H100 or 2 x H200 the first two. Needs /root/ckpt/s19Wc (restore_ckpt.sh s19Wc; stage.sh ckpt_s19Wc).
   s20) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
                       --eval-conditions d2l,mismatched,bias_only,doc_only)
-       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; B=(--ce-weight 0.3 --bias-dropout 0.5)
+       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; B=(--ce-weight 0.3 --bias-dropout 0.5); C=/root/ckpt/s19Wc
        PROSE="$R:3.6,$RS:1.2,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2,squad/1-2+d1*5:1.2"
-       RUNS=("s20c --init /root/ckpt/s19Wc --data-seed 43 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2"
-             "s20p --init /root/ckpt/s19Wc --data-seed 44 ${B[*]} --tasks $PROSE") ;;
+       RUNS=("s20c --init $C --data-seed 43 ${B[*]} --anneal-to-deadline --tasks $MIX,$R:3.6,$RS:1.2"
+             "s20p --init $C --data-seed 44 ${B[*]} --anneal-to-deadline --tasks $PROSE"
+             "s20n --init $C --data-seed 43 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2"
+             "s20l --init $C --data-seed 43 ${B[*]} --anneal-to-deadline --lr 1e-4 --tasks $MIX,$R:3.6,$RS:1.2") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU
 # machine can still run a 4-run plan; mind the memory (batch 32 peaks at 35-38 GiB, batch 64 at about twice that).
-# DP=1 (plan s19): every run is one data-parallel job over all GPUs instead (torchrun --standalone picks a free port,
-# so the jobs run side by side; one rank a GPU talks over NCCL).
-SLOTS=$(( NGPU * ${PER_GPU:-1} )); [ "${DP:-0}" = 1 ] && SLOTS=${#RUNS[@]}
+# DP=1 (plans s19, s20): every run is one data-parallel job of RANKS processes (default 2, at most NGPU) on its own group
+# of RANKS GPUs, job i on group i % (NGPU / RANKS); torchrun --standalone picks a free port, so jobs that share a group
+# run side by side. JOBS (default: as many as fit, PROCS processes a GPU: 2 on an H200, 1 on an H100) caps the runs.
+SLOTS=$(( NGPU * ${PER_GPU:-1} ))
+if [ "${DP:-0}" = 1 ]; then
+  RANKS=${RANKS:-2}; [ "$RANKS" -gt "$NGPU" ] && RANKS=$NGPU
+  MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+  PROCS=${PROCS:-$(( MEM > 100000 ? 2 : 1 ))}; NGROUPS=$(( NGPU / RANKS ))
+  SLOTS=${JOBS:-$(( NGROUPS * PROCS ))}
+fi
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
-  if [ "${DP:-0}" = 1 ]; then GPU=all; LAUNCH=(torchrun --standalone --nproc-per-node "$NGPU" -m)
+  if [ "${DP:-0}" = 1 ]; then
+    g=$(( i % NGROUPS )); GPU=$(seq -s, $(( g * RANKS )) $(( g * RANKS + RANKS - 1 ))); export CUDA_VISIBLE_DEVICES=$GPU
+    LAUNCH=(torchrun --standalone --nproc-per-node "$RANKS" -m)
   else GPU=$(( i % NGPU )); export CUDA_VISIBLE_DEVICES=$GPU; LAUNCH=(python3 -m); fi
   setsid nohup "${LAUNCH[@]}" benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" "${TF_EVAL[@]}" $extra \
       --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &

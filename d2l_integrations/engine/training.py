@@ -135,6 +135,10 @@ class TrainingConfig:
             bias is a document-independent prior for the whole mix, and on real-word answers it costs more than the
             document's adapter gives (training_log.md, session 15); without it some of the time, the document's
             adapter must carry the answer by itself. 0 (default) always applies it, as inference does.
+        anneal_to_deadline: with a wall-clock deadline (``train(deadline=...)``), the cosine's horizon is the step the
+            deadline is expected at, re-estimated every step from this call's pace (evaluations included), so a
+            stage cut by time ends annealed at ``lr * min_lr_ratio`` instead of part-way down a ``max_steps`` cosine;
+            ``max_steps`` stays the hard stop. Data-parallel ranks agree on one horizon (the mean of their estimates).
     """
 
     tasks: tuple[tuple[str, float], ...] = (("needle", 1.0),)
@@ -164,6 +168,7 @@ class TrainingConfig:
     train_pool: int = 0
     prefetch: bool = True
     bias_dropout: float = 0.0
+    anneal_to_deadline: bool = False
 
     def __post_init__(self) -> None:
         if self.train_pool < 0 or self.train_pool == 1:
@@ -536,6 +541,9 @@ def default_features(hidden_states: Sequence[torch.Tensor], num_layers: int) -> 
     return torch.stack(list(hidden_states[:num_layers]), dim=1)
 
 
+_PACE_STEPS = 20  # anneal_to_deadline: steps timed before the first estimate of the deadline's step
+
+
 class DistillationTrainer:
     """Trains ``hypernet`` to map a document's teacher features to a LoRA (see module docstring).
 
@@ -555,6 +563,8 @@ class DistillationTrainer:
         self.is_main = self.rank == 0
         self._stop_vote = False  # data parallel: this rank wants to stop (deadline); every rank stops when one does
         self._stop_agreed = False
+        self._horizon_vote = 0.0  # anneal_to_deadline: this rank's estimate of the last step (0: none yet)
+        self._horizon: int | None = None  # the cosine's horizon the ranks agreed on (None: max_steps)
         self.base = base
         self.model = base.model
         self.hypernet = hypernet
@@ -776,11 +786,16 @@ class DistillationTrainer:
         return self.config.kl_weight * parts["kl"].mean() + self.config.ce_weight * parts["key_ce"].mean()
 
     # ------------------------------------------------------------------------------- train
+    @property
+    def horizon(self) -> int:
+        """The step the cosine ends at: ``max_steps``, or under ``anneal_to_deadline`` the deadline's estimated step."""
+        return self._horizon if self._horizon is not None else self.config.max_steps
+
     def lr_at(self, step: int) -> float:
         c = self.config
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
-        t = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        t = min(1.0, (step - c.warmup_steps) / max(1, self.horizon - c.warmup_steps))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def _draw(self, step: int, *, generate: bool) -> tuple[int, list[Example], int, int, Batch | None] | None:
@@ -863,6 +878,8 @@ class DistillationTrainer:
             if not any_rows:  # no rank had rows: every rank skips the update alike
                 self.step += 1
                 return {"loss": float("nan"), "skipped": float(c.batch_size * self.world_size)}
+        if self.world_size == 1 and self._horizon_vote > 0:
+            self._horizon = round(self._horizon_vote)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
         gnorm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), c.grad_clip)
@@ -870,6 +887,8 @@ class DistillationTrainer:
         self.step += 1
         self.tokens_seen += tokens
         rec.update(grad_norm=float(gnorm), lr=self.lr_at(self.step - 1))
+        if self._horizon is not None:
+            rec.update(horizon=float(self._horizon))
         t3 = time.perf_counter()
         rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes (this rank's)
         return rec
@@ -879,10 +898,11 @@ class DistillationTrainer:
     def _all_reduce(self, rec: dict[str, float], *, tokens: int, skipped: int, wrong: int) -> tuple[dict[str, float], int, bool]:
         """One all-reduce per data-parallel step: gradients (a rank without rows sends zeros), the loss
         terms and the counters. Gradients and losses become means over the ranks that had rows, the
-        counters totals, and the stop votes agree (``_stop_agreed``)."""
+        counters totals, the stop votes agree (``_stop_agreed``) and so does the cosine's horizon (the mean of the
+        ranks' ``anneal_to_deadline`` estimates)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         has_rows = float(bool(rec))
-        local = [has_rows, float(tokens), float(skipped), float(wrong), float(self._stop_vote)] + [rec.get(k, 0.0) for k in self._REDUCED]
+        local = [has_rows, float(tokens), float(skipped), float(wrong), float(self._stop_vote), self._horizon_vote] + [rec.get(k, 0.0) for k in self._REDUCED]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
                          + [torch.tensor(local, dtype=torch.float32, device=self.device)])
         dist.all_reduce(flat)
@@ -895,7 +915,9 @@ class DistillationTrainer:
         self.skipped_rows += int(stats[2])
         self.wrong_teacher_rows += int(stats[3])
         self._stop_agreed = stats[4] > 0
-        means = {k: v / max(1.0, ranks_with_rows) for k, v in zip(self._REDUCED, stats[5:], strict=True)}
+        if stats[5] > 0:  # every rank votes from the same step on (they run the same steps), so the mean is of all
+            self._horizon = round(stats[5] / self.world_size)
+        means = {k: v / max(1.0, ranks_with_rows) for k, v in zip(self._REDUCED, stats[6:], strict=True)}
         return {**rec, **means}, int(stats[1]), ranks_with_rows > 0
 
     def _sync(self) -> None:
@@ -911,16 +933,20 @@ class DistillationTrainer:
         c = self.config
         stop = min(c.max_steps, max_steps or c.max_steps)
         t0 = time.time()
-        t_last, tok_last, step_times = t0, self.tokens_seen, []
+        t_last, tok_last, step_times, first = t0, self.tokens_seen, [], self.step
         ema: dict[str, float] = {}
         self._stop_agreed = False
         while self.step < stop and not self._stop_agreed:
             ts = time.time()
-            near = deadline is not None and bool(step_times) and ts + 3 * float(np.median(step_times[-20:])) + 5 > deadline
+            margin = 3 * float(np.median(step_times[-20:])) + 5 if step_times else 5.0  # a step must end before the deadline
+            near = deadline is not None and bool(step_times) and ts + margin > deadline
             if near and self.world_size == 1:
                 logger.info("Stopping at step %d before the deadline", self.step)
                 break
             self._stop_vote = near  # data parallel: the step still runs on every rank, then all stop together
+            if c.anneal_to_deadline and deadline is not None and self.step - first >= _PACE_STEPS:
+                pace = (ts - t0) / (self.step - first)  # seconds a step in this call, evaluations and logging included
+                self._horizon_vote = float(min(c.max_steps, self.step + max(1.0, (deadline - margin - ts) / pace)))
             rec = self.train_step()
             step_times.append(time.time() - ts)
             if "skipped" in rec:

@@ -124,6 +124,23 @@ def test_deadline_stops_training(tiny_base, tmp_path):
     assert time.time() - t0 < 10 and 0 < res["step"] < 10_000
 
 
+def test_anneal_to_deadline_ends_the_cosine_when_time_runs_out(tiny_base):
+    import time
+
+    lines: dict[bool, list[dict]] = {True: [], False: []}
+    for anneal in (True, False):
+        trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base),
+                                      config(max_steps=10_000, warmup_steps=2, min_lr_ratio=0.1, anneal_to_deadline=anneal))
+        res = trainer.train(deadline=time.time() + 9, on_log=lines[anneal].append)  # ~4 s: it stops 5 s early
+        assert 30 < res["step"] < 10_000
+        assert (trainer.horizon < 10_000) is anneal
+    annealed = [d for d in lines[True] if "lr" in d]
+    # it ends near the cosine's floor (lr 1e-3, floor 1e-4), where the max_steps cosine has barely begun
+    assert annealed[-1]["lr"] < 2.5e-4 < 9e-4 < [d for d in lines[False] if "lr" in d][-1]["lr"]
+    assert annealed[-1]["horizon"] >= annealed[-1]["step"] - 1  # the estimate never puts the end behind the steps taken
+    assert all(a["lr"] >= b["lr"] for a, b in zip(annealed[5:], annealed[6:]))  # past warm-up it only comes down
+
+
 def test_top_k_kl_and_eval_table(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(top_k=8))
     rec = trainer.train_step()

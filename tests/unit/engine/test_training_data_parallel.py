@@ -111,6 +111,31 @@ def test_two_ranks_draw_different_batches_and_keep_equal_weights(tmp_path):
         assert torch.equal(v, r0["end"][k]), k
 
 
+def _anneal_worker(rank: int, world: int, store: str, results: str) -> None:
+    _join(rank, world, store)
+    try:
+        base = make_tiny_base()
+        trainer = DistillationTrainer(base, tiny_hypernet(base), config(max_steps=10_000, anneal_to_deadline=True), data_parallel=True)
+        lrs: list[float] = []
+        trainer.train(deadline=time.time() + 8 + 3 * rank, on_log=lambda d: lrs.append(d.get("lr", 0.0)))  # paces differ by rank
+        torch.save({"horizon": trainer.horizon, "step": trainer.step, "lr": trainer.lr_at(trainer.step - 1),
+                    "end": trainer.hypernet.state_dict()}, os.path.join(results, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_deadline_annealed_horizon(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _spawn(_anneal_worker, 2, str(tmp_path / "store"), str(results))
+    r0, r1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert r0["step"] == r1["step"] and r0["horizon"] == r1["horizon"] < 10_000  # one horizon, so one lr ...
+    for k in r0["end"]:  # ... and the weights stay equal
+        assert torch.equal(r0["end"][k], r1["end"][k]), k
+    assert r0["lr"] < 0.5 * config().lr  # stopped by the first deadline (rank 0's), well down the cosine
+
+
 def test_data_parallel_without_a_process_group_says_to_use_torchrun(tiny_base):
     with pytest.raises(RuntimeError, match="torchrun"):
         DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), data_parallel=True)
