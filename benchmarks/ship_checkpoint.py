@@ -43,8 +43,15 @@ def merged_eval(new: dict[str, Any] | None, old: dict[str, Any] | None) -> dict[
     return out
 
 
-def ship(run_checkpoint: Path, shipped: Path, source: str) -> dict[str, Any]:
-    """Replace ``shipped`` by ``run_checkpoint`` (see the module docstring); returns the new metadata."""
+def compact_eval(table: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``out/eval.json`` (``train_d2l``'s greedy table) as a checkpoint's eval table: n, accuracy, F1 per task."""
+    return {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
+
+
+def ship(run_checkpoint: Path, shipped: Path, source: str, *, eval_json: Path | None = None) -> dict[str, Any]:
+    """Replace ``shipped`` by ``run_checkpoint`` (see the module docstring); returns the new metadata. ``eval_json``:
+    the run's ``out/eval.json``, for an export written before the evaluation (``train_d2l --export``'s early copy,
+    whose config has no table); refused if the config already has one."""
     from safetensors.torch import load_file
 
     new_config, _ = read_checkpoint_config(run_checkpoint)  # a clear error if either is not a checkpoint folder
@@ -62,6 +69,11 @@ def ship(run_checkpoint: Path, shipped: Path, source: str) -> dict[str, Any]:
                f"{new_doc['metadata']['checkpoint_id']}: the weights or the config are not the run's; export it again.")
         raise ValueError(msg)
     old_meta, meta = old_doc["metadata"], new_doc["metadata"]
+    if eval_json is not None:
+        if meta.get("eval"):
+            msg = f"{run_checkpoint / CONFIG_NAME} already has its run's evaluation: leave out --eval-json."
+            raise ValueError(msg)
+        meta["eval"] = compact_eval(json.loads(Path(eval_json).read_text()))
     meta["eval"] = merged_eval(meta.get("eval"), old_meta.get("eval"))
     meta["source"] = source
     meta["replaces"] = old_meta["checkpoint_id"]
@@ -84,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="a run's exported checkpoint folder (config.json + hypernetwork.safetensors)")
     parser.add_argument("--shipped", type=Path, default=SHIPPED, help="the package folder to replace (default: the default model's)")
     parser.add_argument("--source", required=True, help="where the weights come from, for the record (run, session, why chosen)")
+    parser.add_argument("--eval-json", type=Path, default=None,
+                        help="the run's out/eval.json, when the checkpoint is the export written before the evaluation")
     args = parser.parse_args(argv)
-    meta = ship(args.checkpoint, args.shipped, args.source)
+    meta = ship(args.checkpoint, args.shipped, args.source, eval_json=args.eval_json)
     print(json.dumps({"shipped": meta["checkpoint_id"], "replaces": meta["replaces"], "folder": str(args.shipped)}))
 
 

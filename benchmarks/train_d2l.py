@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.metrics import f1_score
+from benchmarks.ship_checkpoint import compact_eval
 from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
 from d2l_integrations.engine.training import (
     TF_CONDITIONS,
@@ -308,8 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         if kl_table:
             (out / "eval_kl.json").write_text(json.dumps(kl_table, indent=1))
         if args.export:
-            compact = {t: {"n": r["n"], "accuracy": r["accuracy"], **({"f1": r["score"]} if "score" in r else {})} for t, r in table.items()}
-            folder = export(hyper, out, data_summary=data_summary(), eval_table=compact)
+            folder = export(hyper, out, data_summary=data_summary(), eval_table=compact_eval(table))
             print(f"exported {folder}", flush=True)
         if cache.is_file():  # bring the teacher answers back so the next machine need not regenerate them
             (out / "teacher_answers.json.gz").write_bytes(gzip.compress(cache.read_bytes()))

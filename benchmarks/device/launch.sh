@@ -152,6 +152,10 @@ if [ "${DP:-0}" = 1 ]; then
   PROCS=${PROCS:-$(( MEM > 100000 ? 2 : 1 ))}; NGROUPS=$(( NGPU / RANKS ))
   SLOTS=${JOBS:-$(( NGROUPS * PROCS ))}
 fi
+# convert the GGUF once before the runs start: 8 processes converting into the same cache folder at once read one another's
+# half-written config.json and all died (session 19's first s20 launch)
+python3 -c "from d2l_integrations.engine.base_model import load_base_model as m; m('/root/stage', device='cuda', gguf_file='smol.gguf')" \
+    2>&1 | grep -v "^Converting" | tail -n 3
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   mkdir -p /root/runs/$name/out

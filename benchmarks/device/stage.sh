@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# There: keep GGUF part $1 (a..d) under /root/stage; with part d, join and check the GGUF, install wheels.
+# There: keep GGUF part $1 (a, b, c, f, d) under /root/stage; with part d (the last), join and check the GGUF, install wheels.
 # `stage.sh e`: unpack the training data (its own call: with part d and the tracked tree it passes the 64 MiB carry limit).
 # `stage.sh ckpt_NAME`: keep the checkpoint folder .stage/ckpt_NAME as /root/ckpt/NAME (an --init for launch.sh).
 set -euo pipefail

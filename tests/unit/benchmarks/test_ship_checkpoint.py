@@ -54,6 +54,20 @@ def test_ship_replaces_weights_and_keeps_the_record(tmp_path: Path) -> None:
     assert sorted(p.name for p in old_dir.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
+def test_ship_takes_the_table_of_an_early_export_from_the_runs_eval_json(tmp_path: Path) -> None:
+    old_dir, run_dir = tmp_path / "shipped", tmp_path / "run"
+    save_checkpoint(tiny(0), old_dir, eval_table={"facts": {"accuracy": {"d2l": 49.0, "full_context": 48.8}}})
+    save_checkpoint(tiny(1), run_dir)  # the copy written before the evaluation: no table
+    table = {"facts": {"n": 256, "accuracy": {"d2l": 41.8, "mismatched": 3.9}, "samples": {"d2l": ["x"]}, "seconds": 9.0},
+             "squad": {"n": 256, "accuracy": {"d2l": 7.0}, "score": {"d2l": 4.7}, "samples": {}}}  # as train_d2l writes it
+    (tmp_path / "eval.json").write_text(json.dumps(table))
+    meta = ship(run_dir, old_dir, "run x", eval_json=tmp_path / "eval.json")
+    assert meta["eval"] == {"facts": {"n": 256, "accuracy": {"d2l": 41.8, "mismatched": 3.9, "full_context": 48.8}},
+                            "squad": {"n": 256, "accuracy": {"d2l": 7.0}, "f1": {"d2l": 4.7}}}
+    with pytest.raises(ValueError, match="leave out --eval-json"):  # a config with its own table keeps it
+        ship(old_dir, run_dir, "back", eval_json=tmp_path / "eval.json")
+
+
 def test_ship_refuses_a_mismatched_weights_file_and_leaves_the_shipped_one(tmp_path: Path) -> None:
     old_dir, run_dir, other = tmp_path / "shipped", tmp_path / "run", tmp_path / "other"
     save_checkpoint(tiny(0), old_dir)
