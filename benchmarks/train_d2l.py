@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
 
     data_parallel, device = init_data_parallel(args.device)
     base = load_base_model(args.base, device=device, gguf_file=args.gguf)
+    share = float(os.environ.get("D2L_CUDA_MEMORY_FRACTION", "0") or 0)
+    if share and base.device.type == "cuda":  # processes sharing a GPU: each keeps its cache within its share, so one
+        torch.cuda.set_per_process_memory_fraction(share, base.device)  # evaluation cannot starve the other (session 19)
     print(f"base loaded in {time.time() - t_start:.1f}s on {base.device}", flush=True)
     hyper = load_checkpoint(args.init, base, allow_other_base=True).float().to(base.device).train()
     if args.new_head:
