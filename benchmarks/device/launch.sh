@@ -145,12 +145,13 @@ case $PLAN in
   # moved since s18bW. Runs, all from s20c, annealed, 2-rank jobs as s20: s21c continues the recipe (the lineage's
   # fourth stage); s21f raises the made-up-fact rows' weight by half (does the facts slip come from their share of the
   # mix?); s21q adds plain SQuAD training rows at 2.4 (s20p, with 1.2, was the only run whose matched KL on real SQuAD
-  # fell: 0.97); s21fq both. Needs /root/ckpt/s20c: the shipped checkpoint if s20c was shipped (stage.sh ckpt_s20c after
-  # `mkdir -p .stage/ckpt_s20c && cp d2l_integrations/checkpoints/smollm2-135m-instruct/* .stage/ckpt_s20c/`).
+  # fell: 0.97); s21fq both. s20c is the shipped checkpoint (d2l-3dc0658ae11dd2d1, session 19), which travels with the
+  # tracked tree: no checkpoint to stage. If another one has been shipped since, stage s20c (restore it from the commit
+  # that shipped it) and point C at /root/ckpt/s20c.
   s21) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
                       --eval-conditions d2l,mismatched,bias_only,doc_only)
        R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
-       C=/root/ckpt/s20c; W="$R:3.6,$RS:1.2"
+       C=$SHIPPED; W="$R:3.6,$RS:1.2"
        MIXF="facts_varied/1:1.5,facts_varied/2-4+d1*3:0.6,facts/1:0.45,facts/2-4+d1:0.375,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
        RUNS=("s21c --init $C --data-seed 45 ${B[*]} --tasks $MIX,$W"
              "s21f --init $C --data-seed 46 ${B[*]} --tasks $MIXF,$W"
