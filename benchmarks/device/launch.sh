@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# There: start one training run per GPU (setsid: they outlive the call), each in /root/runs/<name>/.
+# There: start one training run per GPU (setsid: they outlive the call), each in $RUNS_ROOT/<name>/ (default /root/runs).
 # MIN = training minutes (evaluation and export come after); STEPS = max steps; the runs of $PLAN are below.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D2L_DATA_DIR=/root/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-MIN=${MIN:-17}; STEPS=${STEPS:-2500}; PLAN=${PLAN:-s13}
+MIN=${MIN:-17}; STEPS=${STEPS:-2500}; PLAN=${PLAN:-s13}; RUNS_ROOT=${RUNS_ROOT:-/root/runs}
 NGPU=$(nvidia-smi -L | wc -l)
 BASEMIX="facts_varied/1:1.0,facts_varied/2-4+d1*3:0.4,facts/1:0.3,facts/2-4+d1:0.25,needle_para/1-4+d1:0.7,needle/1-4:0.4"
 MIX="$BASEMIX,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
@@ -181,15 +181,15 @@ python3 -c "from d2l_integrations.engine.base_model import load_base_model as m;
     2>&1 | grep -v "^Converting" | tail -n 3
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
-  mkdir -p /root/runs/$name/out
+  mkdir -p $RUNS_ROOT/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
   if [ "${DP:-0}" = 1 ]; then
     g=$(( i % NGROUPS )); GPU=$(seq -s, $(( g * RANKS )) $(( g * RANKS + RANKS - 1 ))); export CUDA_VISIBLE_DEVICES=$GPU
     LAUNCH=(torchrun --standalone --nproc-per-node "$RANKS" -m)
   else GPU=$(( i % NGPU )); export CUDA_VISIBLE_DEVICES=$GPU; LAUNCH=(python3 -m); fi
   setsid nohup "${LAUNCH[@]}" benchmarks.train_d2l "${COMMON[@]}" "${TA[@]}" "${REPEAT[@]}" "${TF_EVAL[@]}" $extra \
-      --work /root/runs/$name/work --out /root/runs/$name/out > /root/runs/$name/stdout.txt 2>&1 < /dev/null &
+      --work $RUNS_ROOT/$name/work --out $RUNS_ROOT/$name/out > $RUNS_ROOT/$name/stdout.txt 2>&1 < /dev/null &
   echo "GPU $GPU: $name $extra"
 done
 sleep ${FIRST_WAIT:-60}
-for d in /root/runs/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done
+for d in $RUNS_ROOT/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done

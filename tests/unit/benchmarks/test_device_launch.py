@@ -1,0 +1,84 @@
+"""benchmarks/device/launch.sh: where each run of a plan goes, on fake GPU machines (fake ``nvidia-smi`` / ``torchrun``).
+
+A wrong placement costs device minutes that cannot be had back (session 19's first launch died before training), so
+the job layout of the data-parallel plans is checked here, where it is free: which runs start, on which GPUs, with how
+many ranks, and with what share of GPU memory each process may cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+LAUNCH = ROOT / "benchmarks" / "device" / "launch.sh"
+
+FAKES = {
+    "nvidia-smi": """#!/usr/bin/env bash
+if [ "$1" = -L ]; then for i in $(seq 0 $((FAKE_N - 1))); do echo "GPU $i: fake"; done; else echo "$FAKE_MEM"; fi
+""",
+    "torchrun": """#!/usr/bin/env bash
+echo "GPUS=$CUDA_VISIBLE_DEVICES SHARE=${D2L_CUDA_MEMORY_FRACTION:-none} torchrun $*"
+""",
+    # the GGUF conversion before the runs is a no-op here; `python3 -c` arithmetic runs for real
+    "python3": f"""#!/usr/bin/env bash
+if [[ "$*" == *load_base_model* ]]; then echo warm; elif [ "$1" = -c ]; then exec {sys.executable} "$@"; else echo "python3 $*"; fi
+""",
+}
+
+
+def launch(tmp_path: Path, plan: str, gpus: int, mem_mib: int, **env: str) -> dict[str, str]:
+    """Run launch.sh for ``plan`` on a fake machine; returns each started run's command line (its stdout.txt)."""
+    if shutil.which("setsid") is None:
+        pytest.skip("launch.sh needs setsid (util-linux)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    runs = tmp_path / "runs"
+    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_N": str(gpus), "FAKE_MEM": str(mem_mib),
+                "PLAN": plan, "MIN": "1", "FIRST_WAIT": "0", "RUNS_ROOT": str(runs), **env}
+    subprocess.run(["bash", str(LAUNCH)], cwd=ROOT, env=full_env, check=True, capture_output=True, timeout=60)
+    started: dict[str, str] = {}
+    deadline = time.time() + 20
+    while time.time() < deadline:  # the runs are started detached (setsid nohup): wait for their output
+        started = {p.parent.name: p.read_text().strip() for p in runs.glob("*/stdout.txt")}
+        if started and all(started.values()):
+            break
+        time.sleep(0.1)
+    return started
+
+
+def test_four_h200s_run_all_four_jobs_two_ranks_on_each_gpu_pair(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s21", gpus=4, mem_mib=143_771)
+    assert sorted(runs) == ["s21c", "s21f", "s21fq", "s21q"]
+    pairs = {name: line.split()[0] for name, line in runs.items()}
+    assert pairs == {"s21c": "GPUS=0,1", "s21f": "GPUS=2,3", "s21q": "GPUS=0,1", "s21fq": "GPUS=2,3"}
+    for name, line in runs.items():
+        assert "SHARE=0.49" in line and "--nproc-per-node 2" in line  # two processes a GPU, each within half of it
+        assert f"--work {tmp_path / 'runs' / name / 'work'}" in line and "--anneal-to-deadline" in line
+
+
+def test_h100s_hold_one_process_a_gpu_so_fewer_jobs_start(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s21", gpus=4, mem_mib=81_559)
+    assert sorted(runs) == ["s21c", "s21f"]  # the first two of the plan, one job a GPU pair
+    assert all("SHARE=none" in line for line in runs.values())
+
+
+def test_two_gpus_share_one_pair_and_jobs_caps_the_runs(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s21", gpus=2, mem_mib=143_771)
+    assert sorted(runs) == ["s21c", "s21f"] and all(line.startswith("GPUS=0,1 ") for line in runs.values())
+    assert sorted(launch(tmp_path / "one", "s21", gpus=4, mem_mib=143_771, JOBS="1")) == ["s21c"]
+
+
+def test_an_unknown_plan_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        launch(tmp_path, "no-such-plan", gpus=1, mem_mib=81_559)
+    assert b"unknown PLAN" in err.value.stderr
