@@ -192,4 +192,5 @@ for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   echo "GPU $GPU: $name $extra"
 done
 sleep ${FIRST_WAIT:-60}
-for d in $RUNS_ROOT/*/; do echo "== $d"; grep -v "^Converting" $d/stdout.txt | tail -n 3 | cut -c1-300; done
+# (a run that has printed nothing yet, or only conversion progress, is not a failure of the launch)
+for d in $RUNS_ROOT/*/; do echo "== $d"; { grep -v "^Converting" $d/stdout.txt || true; } | tail -n 3 | cut -c1-300; done
