@@ -164,17 +164,16 @@ esac
 # DP=1 (plans s19, s20): every run is one data-parallel job of RANKS processes (default 2, at most NGPU) on its own group
 # of RANKS GPUs, job i on group i % (NGPU / RANKS); torchrun --standalone picks a free port, so jobs that share a group
 # run side by side. JOBS (default: as many as fit, PROCS processes a GPU: 2 on an H200, 1 on an H100) caps the runs.
-SLOTS=$(( NGPU * ${PER_GPU:-1} ))
+SLOTS=$(( NGPU * ${PER_GPU:-1} )); PROCS_A_GPU=${PER_GPU:-1}
 if [ "${DP:-0}" = 1 ]; then
   RANKS=${RANKS:-2}; [ "$RANKS" -gt "$NGPU" ] && RANKS=$NGPU
   MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
-  PROCS=${PROCS:-$(( MEM > 100000 ? 2 : 1 ))}; NGROUPS=$(( NGPU / RANKS ))
-  # each process keeps its CUDA cache within its share of the GPU: in session 19 one evaluation's cache (106 GiB)
-  # left the other process on its GPU out of memory
-  [ "$PROCS" -gt 1 ] && export D2L_CUDA_MEMORY_FRACTION=$(python3 -c "print(round(0.98 / $PROCS, 3))")
-  SLOTS=${JOBS:-$(( NGROUPS * PROCS ))}
-elif [ "${PER_GPU:-1}" -gt 1 ]; then export D2L_CUDA_MEMORY_FRACTION=$(python3 -c "print(round(0.98 / ${PER_GPU}, 3))")
+  PROCS_A_GPU=${PROCS:-$(( MEM > 100000 ? 2 : 1 ))}; NGROUPS=$(( NGPU / RANKS ))
+  SLOTS=${JOBS:-$(( NGROUPS * PROCS_A_GPU ))}
 fi
+# processes sharing a GPU each keep their CUDA cache within their share of it: in session 19 one evaluation's cache
+# (106 GiB) left the other process on its GPU out of memory
+if [ "$PROCS_A_GPU" -gt 1 ]; then export D2L_CUDA_MEMORY_FRACTION=$(python3 -c "print(round(0.98 / $PROCS_A_GPU, 3))"); fi
 # convert the GGUF once before the runs start: 8 processes converting into the same cache folder at once read one another's
 # half-written config.json and all died (session 19's first s20 launch)
 python3 -c "from d2l_integrations.engine.base_model import load_base_model as m; m('/root/stage', device='cuda', gguf_file='smol.gguf')" \
