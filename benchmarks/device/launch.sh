@@ -157,6 +157,24 @@ case $PLAN in
              "s21f --init $C --data-seed 46 ${B[*]} --tasks $MIXF,$W"
              "s21q --init $C --data-seed 47 ${B[*]} --tasks $MIX,$W,$Q:2.4"
              "s21fq --init $C --data-seed 48 ${B[*]} --tasks $MIXF,$W,$Q:2.4") ;;
+  # session 21: s21 (session 20, 4 x H200) gave the first move of the product adapter's KL on real SQuAD since s18bW,
+  # from plain SQuAD training rows at 2.4 (s21q 0.97, s21fq 0.95 against 1.03-1.04 without; none 0.73), greedy SQuAD
+  # contains 8.2 / 8.6 against 7.0, F1 within noise (4.4-5.0); the facts weight x 1.5 did not bring facts back; needle_para
+  # slipped in all four runs (90.2-93.4 against 95.3, teacher-forced unchanged). Runs, all from s21fq (restore_ckpt.sh
+  # s21fq here; on the device stage.sh ckpt_s21fq.0 and ckpt_s21fq.1, two calls), annealed, 2-rank jobs as s21, the
+  # first two are what a 4 x H100 or 2 x H200 machine runs: s22c continues s21fq's recipe (the lineage's fifth stage);
+  # s22q doubles the plain SQuAD rows (4.8: does the KL on real SQuAD keep falling with the dose?); s22n doubles
+  # needle_para's weight (1.4: does the slip come back?); s22qn both.
+  s22) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
+                      --eval-conditions d2l,mismatched,bias_only,doc_only)
+       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
+       C=/root/ckpt/s21fq; W="$R:3.6,$RS:1.2"
+       FQ="facts_varied/1:1.5,facts_varied/2-4+d1*3:0.6,facts/1:0.45,facts/2-4+d1:0.375"
+       REST="needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
+       RUNS=("s22c --init $C --data-seed 49 ${B[*]} --tasks $FQ,needle_para/1-4+d1:0.7,$REST,$W,$Q:2.4"
+             "s22q --init $C --data-seed 50 ${B[*]} --tasks $FQ,needle_para/1-4+d1:0.7,$REST,$W,$Q:4.8"
+             "s22n --init $C --data-seed 51 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$W,$Q:2.4"
+             "s22qn --init $C --data-seed 52 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$W,$Q:4.8") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

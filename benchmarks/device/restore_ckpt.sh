@@ -9,4 +9,5 @@ line=$(grep "^$name " benchmarks/device/checkpoints.txt) || { echo "unknown chec
 read -r _ commit path _ <<< "$line"
 mkdir -p .stage/ckpt_$name
 for f in config.json hypernetwork.safetensors; do git show "$commit:$path/$f" > .stage/ckpt_$name/$f; done
-ls -la .stage/ckpt_$name
+bash benchmarks/device/split_ckpt.sh .stage/ckpt_$name
+ls -la .stage/ckpt_$name .stage/ckpt_$name.0 .stage/ckpt_$name.1

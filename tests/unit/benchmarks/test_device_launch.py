@@ -82,3 +82,21 @@ def test_an_unknown_plan_is_refused(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as err:
         launch(tmp_path, "no-such-plan", gpus=1, mem_mib=81_559)
     assert b"unknown PLAN" in err.value.stderr
+
+
+def test_plan_s22_continues_s21fq_and_keeps_s21fqs_recipe_in_its_control(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s22", gpus=4, mem_mib=143_771)
+    assert sorted(runs) == ["s22c", "s22n", "s22q", "s22qn"]
+    assert all("--init /root/ckpt/s21fq " in line and "--anneal-to-deadline" in line for line in runs.values())
+
+    def mix(line: str) -> dict[str, float]:
+        tasks = line.split("--tasks ")[-1].split()[0]  # the last --tasks wins (train_d2l's argparse)
+        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
+
+    s21fq = mix(launch(tmp_path / "s21", "s21", gpus=4, mem_mib=143_771)["s21fq"])
+    assert mix(runs["s22c"]) == s21fq
+    assert mix(runs["s22q"]) == {**s21fq, "squad/1-2+d1*5": 4.8}
+    assert mix(runs["s22n"]) == {**s21fq, "needle_para/1-4+d1": 1.4}
+    assert mix(runs["s22qn"]) == {**s21fq, "squad/1-2+d1*5": 4.8, "needle_para/1-4+d1": 1.4}
+    # a 4 x H100 machine runs the first two: the control and the dose
+    assert sorted(launch(tmp_path / "h100", "s22", gpus=4, mem_mib=81_559)) == ["s22c", "s22q"]
