@@ -273,35 +273,90 @@ def lora_forward(model: nn.Module, module_paths: Mapping[tuple[str, int], str], 
     handles = []
     try:
         for (module, layer), path in module_paths.items():
-            parts_a, parts_b = [], []
-            if factors is not None and module in factors:
-                a, b = factors[module]
-                parts_a.append(a[:, layer])
-                parts_b.append(b[:, layer])
-            if bias is not None and module in bias:
-                a, b = bias[module]
-                n = parts_a[0].shape[0] if parts_a else 1
-                parts_a.append(a[layer].unsqueeze(0).expand(n, -1, -1))
-                parts_b.append(b[layer].unsqueeze(0).expand(n, -1, -1))
-            if not parts_a:
+            ab = layer_lora(factors, bias, module, layer)
+            if ab is None:
                 continue
-            lora_a = torch.cat(parts_a, dim=1) if len(parts_a) > 1 else parts_a[0]  # [n, r, d_in]
-            lora_b = torch.cat(parts_b, dim=1) if len(parts_b) > 1 else parts_b[0]  # [n, r, d_out]
 
-            def hook(mod, args, out, lora_a=lora_a, lora_b=lora_b):  # noqa: ANN001, ANN202
-                x = args[0]
-                a = lora_a.to(x.dtype)
-                b = lora_b.to(x.dtype)
-                if a.shape[0] != x.shape[0]:
-                    a = a.expand(x.shape[0], -1, -1)
-                    b = b.expand(x.shape[0], -1, -1)
-                return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) * scaling
+            def hook(mod, args, out, ab=ab):  # noqa: ANN001, ANN202
+                return out + _lora_delta(args[0], *ab, scaling)
 
             handles.append(model.get_submodule(path).register_forward_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_lora(factors: Factors | None, bias: Factors | None, module: str, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One layer's ``(A [n, r, d_in], B [n, r, d_out])`` for ``lora_forward``: the rows' factors and the bias LoRA
+    (every row's), concatenated on the rank axis; None when neither has this module."""
+    parts_a, parts_b = [], []
+    if factors is not None and module in factors:
+        a, b = factors[module]
+        parts_a.append(a[:, layer])
+        parts_b.append(b[:, layer])
+    if bias is not None and module in bias:
+        a, b = bias[module]
+        n = parts_a[0].shape[0] if parts_a else 1
+        parts_a.append(a[layer].unsqueeze(0).expand(n, -1, -1))
+        parts_b.append(b[layer].unsqueeze(0).expand(n, -1, -1))
+    if not parts_a:
+        return None
+    if len(parts_a) == 1:
+        return parts_a[0], parts_b[0]
+    return torch.cat(parts_a, dim=1), torch.cat(parts_b, dim=1)
+
+
+def _lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * (x A^T) B`` per batch row (a single row of A, B serves every row of x)."""
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if a.shape[0] != x.shape[0]:
+        a = a.expand(x.shape[0], -1, -1)
+        b = b.expand(x.shape[0], -1, -1)
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) * scaling
+
+
+class LoRASlots:
+    """``lora_forward`` for a compiled decoder: hooks registered once, reading the step's LoRA from ``use``.
+
+    ``torch.compile`` traces the hooks a module has when it is compiled and, by default, does not notice hooks added
+    later (``torch._dynamo.config.skip_nnmodule_hook_guards``), so the per-call hooks of ``lora_forward`` would be
+    silently left out of a compiled pass. These hooks stay; each call's factors are graph inputs, so a new step's
+    adapters (or ranks, or lengths, with ``dynamic=True``) need no new graph. Outside ``use`` they return the module's
+    output untouched, so eager passes through the same model (evaluation, generation) are unchanged.
+    """
+
+    def __init__(self, model: nn.Module, module_paths: Mapping[tuple[str, int], str]) -> None:
+        self.scaling = 1.0
+        self.on = False
+        self.ab: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keys = list(module_paths)
+        self._handles = [model.get_submodule(path).register_forward_hook(self._hook(key)) for key, path in module_paths.items()]
+
+    def _hook(self, key: tuple[str, int]) -> Callable[..., torch.Tensor]:
+        def hook(mod, args, out):  # noqa: ANN001, ANN202
+            if not self.on or key not in self.ab:
+                return out
+            return out + _lora_delta(args[0], *self.ab[key], self.scaling)
+        return hook
+
+    @contextmanager
+    def use(self, factors: Factors | None, bias: Factors | None, scaling: float) -> Iterator[None]:
+        """Inside the block, the hooked modules add what ``lora_forward(..., factors, scaling, bias)`` adds."""
+        self.scaling = scaling
+        self.ab = {key: ab for key in self.keys if (ab := layer_lora(factors, bias, *key)) is not None}
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+            self.ab = {}
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
@@ -554,7 +609,7 @@ class DistillationTrainer:
 
     def __init__(self, base: Any, hypernet: nn.Module, config: TrainingConfig, *, out_dir: str | os.PathLike[str] | None = None,
                  target_modules: Sequence[str] | None = None, eval_split: str = "eval",
-                 features_fn: Callable[..., Any] | None = None, data_parallel: bool = False) -> None:
+                 features_fn: Callable[..., Any] | None = None, data_parallel: bool = False, compile: bool | str = False) -> None:  # noqa: A002
         if data_parallel and not (dist.is_available() and dist.is_initialized()):
             msg = ("data_parallel=True needs an initialised torch.distributed process group: start the command with "
                    "`torchrun --nproc-per-node N ...` (the CLIs then call init_data_parallel), or pass data_parallel=False.")
@@ -577,6 +632,16 @@ class DistillationTrainer:
         self.scaling = float(getattr(hypernet, "output_scaling", getattr(hcfg, "lora_alpha", 1.0)))
         self.module_paths = {(m, layer): base.module_path(layer, m) for m in mods for layer in range(self.num_layers)}
         self.tokens = Tokenizer(base.tokenizer, system_prompt=config.system_prompt, max_doc_tokens=config.max_doc_tokens, bucket=config.bucket)
+        # compile: the teacher and student passes go through one torch.compile'd decoder (True: the default backend;
+        # a string names the backend), dynamic shapes, the LoRA through LoRASlots' permanent hooks. The step is bound
+        # by ~17k eager operator launches (training_log.md, session 13); compiling fuses them. A runtime choice, not
+        # part of the recipe: a run may resume with or without it.
+        self.slots: LoRASlots | None = None
+        self._decoder = self.model.model
+        if compile:
+            self.slots = LoRASlots(self.model, self.module_paths)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._decoder = torch.compile(self.model.model, dynamic=True, backend=backend)
         self.features_fn = features_fn
         try:  # the D2L convention (last entry through the final norm) when the hypernetwork module is there
             from d2l_integrations.engine.hypernetwork import features_from_hidden_states
@@ -635,7 +700,7 @@ class DistillationTrainer:
                 width = max(ids.shape[1], batch.chunk_ids.shape[1])
                 pad = lambda t: F.pad(t, (0, width - t.shape[1]), value=self.tokens.pad_id)  # noqa: E731
                 ids = torch.cat([pad(ids), pad(batch.chunk_ids)])
-            out = self.model.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            out = self._decoder(input_ids=ids, output_hidden_states=True, use_cache=False)
             logits, hs = self._logits_at(out.last_hidden_state[:n], batch.teacher_resp), out.hidden_states
             if batch.chunk_ids is not None:
                 c_width = batch.chunk_ids.shape[1]
@@ -753,10 +818,14 @@ class DistillationTrainer:
         return fn() if fn is not None else None
 
     def student(self, batch: Batch, factors: Factors | None, *, bias: bool = True) -> torch.Tensor:
-        with lora_forward(self.model, self.module_paths, factors, self.scaling, self.bias() if bias else None):
-            h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state
-            logits = self._logits_at(h, batch.student_resp)
-        return logits
+        bias_factors = self.bias() if bias else None
+        if self.slots is not None:
+            with self.slots.use(factors, bias_factors, self.scaling):
+                h = self._decoder(input_ids=batch.student_ids, use_cache=False).last_hidden_state
+        else:
+            with lora_forward(self.model, self.module_paths, factors, self.scaling, bias_factors):
+                h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state
+        return self._logits_at(h, batch.student_resp)
 
     def token_kl(self, t_logits: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) at every position (over the teacher's top-k when ``config.top_k``)."""
@@ -1306,6 +1375,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--bias-dropout", type=float, default=0.0,
                    help="probability that a step trains without the bias LoRA, on the document's adapter alone")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the teacher and student passes (dynamic shapes; default backend inductor); a runtime "
+                        "choice, so a run resumes with or without it")
     p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides of SMOLLM2_135M_SHAPE")
     p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
     add_data_seed_arguments(p)
@@ -1338,7 +1410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         hcfg = HypernetworkConfig(num_layers=base.num_layers, hidden_size=base.hidden_size, module_dims=base.module_dims(overrides.pop("targets", ["down_proj"])),
                                   base_model=base.name, base_model_revision=base.revision, scaler_b_init=args.scaler_b_init, **overrides)
         hyper = Hypernetwork(hcfg).to(base.device)  # overwritten by the saved state when resuming
-    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out, data_parallel=data_parallel)
+    trainer = DistillationTrainer(base, hyper, cfg, out_dir=args.out, data_parallel=data_parallel, compile=args.compile or False)
     if trainer.maybe_resume():
         logger.info("Resumed from %s at step %d", args.out, trainer.step)
     trainer.precompute_teacher_responses()

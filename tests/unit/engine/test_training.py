@@ -1187,3 +1187,44 @@ def test_offtopic_squad_reuses_the_cached_teacher_answer_about_the_other_paragra
         asked, e = base.sample(np.random.default_rng(seed)), off.sample(np.random.default_rng(seed))
         assert e.teacher_response and _teacher_key(e) == _teacher_key(asked) in known  # no generation per step
         assert (asked.teacher_doc or asked.doc) not in e.doc  # the paragraph that answers it is not what the student reads
+
+
+def test_compiled_passes_train_and_evaluate_exactly_as_eager(tiny_base):
+    """``compile``: the same losses, gradients and teacher-forced table as the eager passes, no graph per step."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from d2l_integrations.engine.training import TF_CONDITIONS, teacher_forced_eval
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = tiny_hypernet(tiny_base)
+    cfg = config(tasks=(("needle_alone", 1.0), ("facts/2-3", 1.0)), bias_dropout=0.5, prefetch=False)  # ranks and lengths vary
+    eager = DistillationTrainer(tiny_base, net, cfg)
+    compiled = DistillationTrainer(tiny_base, copy.deepcopy(net), cfg, compile="aot_eager")  # traced, not code-generated
+    try:
+        graphs = []
+        for _ in range(10):
+            a, b = eager.train_step(), compiled.train_step()
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["key_ce"] == pytest.approx(a["key_ce"], rel=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert {eager._drops_bias(s) for s in range(10)} == {True, False}  # both kinds of step ran
+        assert graphs[-1] == graphs[4] and graphs[-1] <= 5  # later steps reuse the graphs: new lengths and ranks are symbolic
+        assert not counters["graph_break"]
+        for p, q in zip(eager.hypernet.parameters(), compiled.hypernet.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+        rows = eager.eval_sets["facts/2-3"]
+        want = teacher_forced_eval(eager, rows, batch_size=4, conditions=TF_CONDITIONS)
+        got = teacher_forced_eval(compiled, rows, batch_size=4, conditions=TF_CONDITIONS)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        half = teacher_forced_eval(compiled, rows, batch_size=4, adapter_scale=0.5)  # the scale reaches the slots too
+        assert half["matched_kl"] == pytest.approx(teacher_forced_eval(eager, rows, batch_size=4, adapter_scale=0.5)["matched_kl"], rel=1e-4)
+    finally:
+        compiled.slots.remove()
+    slot_hooks = [h for m in tiny_base.model.modules() for h in m._forward_hooks.values() if "LoRASlots" in h.__qualname__]
+    assert not slot_hooks  # the shared model is left without them
