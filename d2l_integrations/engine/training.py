@@ -316,47 +316,94 @@ def _lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
     return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) * scaling
 
 
+def _slot_hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    """``LoRASlots``' hook, one function for every hooked module (a compiled layer's code then serves all layers)."""
+    lora = mod._d2l_lora
+    if lora is None:
+        return out
+    return out + _lora_delta(args[0], lora[0], lora[1], mod._d2l_scaling)
+
+
 class LoRASlots:
-    """``lora_forward`` for a compiled decoder: hooks registered once, reading the step's LoRA from ``use``.
+    """``lora_forward`` for compiled layers: hooks registered once, reading the step's LoRA from ``use``.
 
     ``torch.compile`` traces the hooks a module has when it is compiled and, by default, does not notice hooks added
     later (``torch._dynamo.config.skip_nnmodule_hook_guards``), so the per-call hooks of ``lora_forward`` would be
-    silently left out of a compiled pass. These hooks stay; each call's factors are graph inputs, so a new step's
-    adapters (or ranks, or lengths, with ``dynamic=True``) need no new graph. Outside ``use`` they return the module's
-    output untouched, so eager passes through the same model (evaluation, generation) are unchanged.
+    silently left out of a compiled pass. These hooks stay, and each module holds its factors as attributes (graph
+    inputs), so a new step's adapters, ranks or lengths (``dynamic=True``) need no new graph, and the layers share one.
+    Outside ``use`` they return the module's output untouched, so eager passes through the same model (evaluation,
+    generation) are unchanged.
     """
 
     def __init__(self, model: nn.Module, module_paths: Mapping[tuple[str, int], str]) -> None:
-        self.scaling = 1.0
-        self.on = False
-        self.ab: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.keys = list(module_paths)
-        self._handles = [model.get_submodule(path).register_forward_hook(self._hook(key)) for key, path in module_paths.items()]
-
-    def _hook(self, key: tuple[str, int]) -> Callable[..., torch.Tensor]:
-        def hook(mod, args, out):  # noqa: ANN001, ANN202
-            if not self.on or key not in self.ab:
-                return out
-            return out + _lora_delta(args[0], *self.ab[key], self.scaling)
-        return hook
+        self.modules = {key: model.get_submodule(path) for key, path in module_paths.items()}
+        for m in self.modules.values():
+            m._d2l_lora, m._d2l_scaling = None, 1.0
+        self._handles = [m.register_forward_hook(_slot_hook) for m in self.modules.values()]
 
     @contextmanager
     def use(self, factors: Factors | None, bias: Factors | None, scaling: float) -> Iterator[None]:
         """Inside the block, the hooked modules add what ``lora_forward(..., factors, scaling, bias)`` adds."""
-        self.scaling = scaling
-        self.ab = {key: ab for key in self.keys if (ab := layer_lora(factors, bias, *key)) is not None}
-        self.on = True
+        for key, m in self.modules.items():
+            m._d2l_lora, m._d2l_scaling = layer_lora(factors, bias, *key), scaling
         try:
             yield
         finally:
-            self.on = False
-            self.ab = {}
+            for m in self.modules.values():
+                m._d2l_lora = None
 
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks (and the attributes) off the model."""
         for h in self._handles:
             h.remove()
+        for m in self.modules.values():
+            del m._d2l_lora, m._d2l_scaling
         self._handles = []
+
+
+class CompiledLayers:
+    """Regional compilation: each decoder layer's ``forward`` ``torch.compile``'d (the layers share the compiled code),
+    in place only inside ``active()``, so other passes through the model (evaluation, generation) stay eager.
+
+    Compiling the whole decoder took 212 s of warm-up on an H200 before the first step (session 20); a layer's code
+    compiles once for all 30. The layer's own hooks (transformers' hidden-state capture) run outside the compiled
+    ``forward``; transformers' attention-capturing hooks on the attention modules would run inside it and break its
+    graph (``ContextVar.get``), and the trainer never asks for attentions, so they come off while this object lives
+    (``restore`` puts them back). Make one eager call with ``output_hidden_states=True`` first: transformers installs
+    its capturing hooks on that first call.
+    """
+
+    def __init__(self, decoder: nn.Module, backend: str) -> None:
+        self.layers = list(decoder.layers)
+        self.compiled = [torch.compile(layer.forward, dynamic=True, backend=backend) for layer in self.layers]
+        self._removed: list[tuple[nn.Module, int, Callable[..., Any]]] = []
+        for layer in self.layers:
+            for module in layer.modules():
+                if module is layer:
+                    continue
+                for hid, fn in list(module._forward_hooks.items()):
+                    if "output_capturing_hook" in getattr(fn, "__qualname__", ""):
+                        self._removed.append((module, hid, fn))
+                        del module._forward_hooks[hid]
+        # teacher / student, first layer (input without grad) / later ones, with / without the LoRA: a handful of
+        # variants of one code object; the default limit (8) would send the rest back to eager without a word
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for layer, fn in zip(self.layers, self.compiled, strict=True):
+            layer.forward = fn
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    def restore(self) -> None:
+        """Put transformers' attention-capturing hooks back."""
+        for module, hid, fn in self._removed:
+            module._forward_hooks[hid] = fn
+        self._removed = []
 
 
 def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
@@ -632,16 +679,17 @@ class DistillationTrainer:
         self.scaling = float(getattr(hypernet, "output_scaling", getattr(hcfg, "lora_alpha", 1.0)))
         self.module_paths = {(m, layer): base.module_path(layer, m) for m in mods for layer in range(self.num_layers)}
         self.tokens = Tokenizer(base.tokenizer, system_prompt=config.system_prompt, max_doc_tokens=config.max_doc_tokens, bucket=config.bucket)
-        # compile: the teacher and student passes go through one torch.compile'd decoder (True: the default backend;
-        # a string names the backend), dynamic shapes, the LoRA through LoRASlots' permanent hooks. The step is bound
+        # compile: the teacher and student passes run torch.compile'd decoder layers (CompiledLayers; True: the default
+        # backend, a string names one), dynamic shapes, the LoRA through LoRASlots' permanent hooks. The step is bound
         # by ~17k eager operator launches (training_log.md, session 13); compiling fuses them. A runtime choice, not
         # part of the recipe: a run may resume with or without it.
         self.slots: LoRASlots | None = None
-        self._decoder = self.model.model
+        self._compiled: CompiledLayers | None = None
         if compile:
             self.slots = LoRASlots(self.model, self.module_paths)
-            backend = compile if isinstance(compile, str) else "inductor"
-            self._decoder = torch.compile(self.model.model, dynamic=True, backend=backend)
+            with torch.no_grad():  # transformers' hidden-state hooks go on before the layers compile (CompiledLayers)
+                self.model.model(input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device), output_hidden_states=True, use_cache=False)
+            self._compiled = CompiledLayers(self.model.model, compile if isinstance(compile, str) else "inductor")
         self.features_fn = features_fn
         try:  # the D2L convention (last entry through the final norm) when the hypernetwork module is there
             from d2l_integrations.engine.hypernetwork import features_from_hidden_states
@@ -700,7 +748,8 @@ class DistillationTrainer:
                 width = max(ids.shape[1], batch.chunk_ids.shape[1])
                 pad = lambda t: F.pad(t, (0, width - t.shape[1]), value=self.tokens.pad_id)  # noqa: E731
                 ids = torch.cat([pad(ids), pad(batch.chunk_ids)])
-            out = self._decoder(input_ids=ids, output_hidden_states=True, use_cache=False)
+            with self._compiled.active() if self._compiled is not None else _nullcontext():
+                out = self.model.model(input_ids=ids, output_hidden_states=True, use_cache=False)
             logits, hs = self._logits_at(out.last_hidden_state[:n], batch.teacher_resp), out.hidden_states
             if batch.chunk_ids is not None:
                 c_width = batch.chunk_ids.shape[1]
@@ -813,15 +862,24 @@ class DistillationTrainer:
                 raise FileNotFoundError(msg)
         return self._targets[target_id]
 
+    def close(self) -> None:
+        """Leave the shared base model as it was: ``compile``'s hooks off, transformers' hooks back."""
+        if self.slots is not None:
+            self.slots.remove()
+            self.slots = None
+        if self._compiled is not None:
+            self._compiled.restore()
+            self._compiled = None
+
     def bias(self) -> Factors | None:
         fn = getattr(self.hypernet, "bias_factors", None)
         return fn() if fn is not None else None
 
     def student(self, batch: Batch, factors: Factors | None, *, bias: bool = True) -> torch.Tensor:
         bias_factors = self.bias() if bias else None
-        if self.slots is not None:
-            with self.slots.use(factors, bias_factors, self.scaling):
-                h = self._decoder(input_ids=batch.student_ids, use_cache=False).last_hidden_state
+        if self.slots is not None and self._compiled is not None:
+            with self.slots.use(factors, bias_factors, self.scaling), self._compiled.active():
+                h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state
         else:
             with lora_forward(self.model, self.module_paths, factors, self.scaling, bias_factors):
                 h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state

@@ -1212,8 +1212,8 @@ def test_compiled_passes_train_and_evaluate_exactly_as_eager(tiny_base):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["key_ce"] == pytest.approx(a["key_ce"], rel=1e-5)
             graphs.append(counters["stats"]["unique_graphs"])
         assert {eager._drops_bias(s) for s in range(10)} == {True, False}  # both kinds of step ran
-        assert graphs[-1] == graphs[4] and graphs[-1] <= 5  # later steps reuse the graphs: new lengths and ranks are symbolic
-        assert not counters["graph_break"]
+        assert graphs[-1] == graphs[4]  # later steps reuse the graphs: new lengths and ranks are symbolic
+        assert not counters["graph_break"]  # whole layers: transformers' attention-capturing hooks are off meanwhile
         for p, q in zip(eager.hypernet.parameters(), compiled.hypernet.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
         rows = eager.eval_sets["facts/2-3"]
@@ -1225,6 +1225,9 @@ def test_compiled_passes_train_and_evaluate_exactly_as_eager(tiny_base):
         half = teacher_forced_eval(compiled, rows, batch_size=4, adapter_scale=0.5)  # the scale reaches the slots too
         assert half["matched_kl"] == pytest.approx(teacher_forced_eval(eager, rows, batch_size=4, adapter_scale=0.5)["matched_kl"], rel=1e-4)
     finally:
-        compiled.slots.remove()
-    slot_hooks = [h for m in tiny_base.model.modules() for h in m._forward_hooks.values() if "LoRASlots" in h.__qualname__]
+        compiled.close()
+    slot_hooks = [h for m in tiny_base.model.modules() for h in m._forward_hooks.values() if "slot_hook" in h.__qualname__]
     assert not slot_hooks  # the shared model is left without them
+    assert all("forward" not in vars(layer) for layer in tiny_base.model.model.layers)  # and with its eager layers
+    capturing = [h for m in tiny_base.model.modules() for h in m._forward_hooks.values() if "output_capturing" in h.__qualname__]
+    assert len(capturing) == 2 * tiny_base.num_layers  # transformers' hooks (layer + attention) are all back
