@@ -366,31 +366,26 @@ class CompiledLayers:
     in place only inside ``active()``, so other passes through the model (evaluation, generation) stay eager.
 
     Compiling the whole decoder took 212 s of warm-up on an H200 before the first step (session 20); a layer's code
-    compiles once for all 30. The layer's own hooks (transformers' hidden-state capture) run outside the compiled
-    ``forward``; transformers' attention-capturing hooks on the attention modules would run inside it and break its
-    graph (``ContextVar.get``), and the trainer never asks for attentions, so they come off while this object lives
-    (``restore`` puts them back). Make one eager call with ``output_hidden_states=True`` first: transformers installs
-    its capturing hooks on that first call.
+    compiles once for all 30. A layer's own hooks (transformers' hidden-state capture) run outside its compiled
+    ``forward``. Inside ``active()`` the layers' inner modules keep only ``LoRASlots``' hooks: others (transformers'
+    attention capture, the engine's inert ``use_adapters`` hooks) read a ``ContextVar``, which breaks a compiled graph,
+    and do nothing in these passes; they are back, in their order, when the block ends.
     """
 
     def __init__(self, decoder: nn.Module, backend: str) -> None:
         self.layers = list(decoder.layers)
         self.compiled = [torch.compile(layer.forward, dynamic=True, backend=backend) for layer in self.layers]
-        self._removed: list[tuple[nn.Module, int, Callable[..., Any]]] = []
-        for layer in self.layers:
-            for module in layer.modules():
-                if module is layer:
-                    continue
-                for hid, fn in list(module._forward_hooks.items()):
-                    if "output_capturing_hook" in getattr(fn, "__qualname__", ""):
-                        self._removed.append((module, hid, fn))
-                        del module._forward_hooks[hid]
+        self.inner = [m for layer in self.layers for m in layer.modules() if m is not layer]
         # teacher / student, first layer (input without grad) / later ones, with / without the LoRA: a handful of
         # variants of one code object; the default limit (8) would send the rest back to eager without a word
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     @contextmanager
     def active(self) -> Iterator[None]:
+        saved = [(m, list(m._forward_hooks.items())) for m in self.inner if m._forward_hooks]
+        for m, items in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update((hid, fn) for hid, fn in items if fn is _slot_hook)
         for layer, fn in zip(self.layers, self.compiled, strict=True):
             layer.forward = fn
         try:
@@ -398,12 +393,9 @@ class CompiledLayers:
         finally:
             for layer in self.layers:
                 del layer.forward
-
-    def restore(self) -> None:
-        """Put transformers' attention-capturing hooks back."""
-        for module, hid, fn in self._removed:
-            module._forward_hooks[hid] = fn
-        self._removed = []
+            for m, items in saved:
+                m._forward_hooks.clear()
+                m._forward_hooks.update(items)
 
 
 def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
@@ -687,7 +679,7 @@ class DistillationTrainer:
         self._compiled: CompiledLayers | None = None
         if compile:
             self.slots = LoRASlots(self.model, self.module_paths)
-            with torch.no_grad():  # transformers' hidden-state hooks go on before the layers compile (CompiledLayers)
+            with torch.no_grad():  # transformers installs its capturing hooks on the first such call: before, not inside, active()
                 self.model.model(input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device), output_hidden_states=True, use_cache=False)
             self._compiled = CompiledLayers(self.model.model, compile if isinstance(compile, str) else "inductor")
         self.features_fn = features_fn
@@ -863,13 +855,11 @@ class DistillationTrainer:
         return self._targets[target_id]
 
     def close(self) -> None:
-        """Leave the shared base model as it was: ``compile``'s hooks off, transformers' hooks back."""
+        """Leave the shared base model as it was: ``compile``'s hooks off (the trainer trains eager after this)."""
         if self.slots is not None:
             self.slots.remove()
             self.slots = None
-        if self._compiled is not None:
-            self._compiled.restore()
-            self._compiled = None
+        self._compiled = None
 
     def bias(self) -> Factors | None:
         fn = getattr(self.hypernet, "bias_factors", None)

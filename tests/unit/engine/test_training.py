@@ -1230,4 +1230,36 @@ def test_compiled_passes_train_and_evaluate_exactly_as_eager(tiny_base):
     assert not slot_hooks  # the shared model is left without them
     assert all("forward" not in vars(layer) for layer in tiny_base.model.model.layers)  # and with its eager layers
     capturing = [h for m in tiny_base.model.modules() for h in m._forward_hooks.values() if "output_capturing" in h.__qualname__]
-    assert len(capturing) == 2 * tiny_base.num_layers  # transformers' hooks (layer + attention) are all back
+    assert len(capturing) == 2 * tiny_base.num_layers  # transformers' hooks (layer + attention) are all there
+
+
+def test_compiled_passes_leave_other_hooks_out_of_the_graph_and_put_them_back(tiny_base):
+    """The engine's inert use_adapters hooks on the same model: no graph break, the hooks back in order, adapters work."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from d2l_integrations.engine.apply import use_adapters
+    from tests.tiny_models import tiny_engine
+
+    engine = tiny_engine()
+    base = engine.base
+    adapter = engine.internalize("The Zorblax Institute was founded in 1873.")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        plain = base.model(ids).logits
+        with use_adapters(base.model, [adapter]):  # installs the engine's hooks on the down_proj modules
+            adapted = base.model(ids).logits
+    assert not torch.allclose(plain, adapted)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = DistillationTrainer(base, tiny_hypernet(base), config(prefetch=False), compile="aot_eager")
+    before = {n: list(m._forward_hooks.values()) for n, m in base.model.named_modules() if m._forward_hooks}
+    try:
+        for _ in range(2):
+            assert math.isfinite(trainer.train_step()["loss"])
+        assert not counters["graph_break"]
+        assert {n: list(m._forward_hooks.values()) for n, m in base.model.named_modules() if m._forward_hooks} == before
+        with torch.no_grad(), use_adapters(base.model, [adapter]):
+            torch.testing.assert_close(base.model(ids).logits, adapted)  # the engine's path still adds its adapter
+    finally:
+        trainer.close()
