@@ -14,6 +14,13 @@ COMMON=(--base /root/stage --gguf smol.gguf --tasks "$MIX"
         --eval-conditions d2l,mismatched,bias_only --export)
 TF_EVAL=()  # from s16 on: the teacher-forced table and a held-out curve (earlier plans rerun as they ran)
 REPEAT=()  # plans before data seeds existed repeated seed 11's batches; they ran so (session 13), and rerun so
+# the lineage plans' (s19 on) teacher-forced table, held-out curve and extra held-out tasks; their prose tasks; the
+# made-up-fact rows at 1.5 x MIX's weights (s21f on) and the rest of MIX after needle_para
+LINEAGE_TF=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
+            --eval-conditions d2l,mismatched,bias_only,doc_only)
+R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"
+FQ="facts_varied/1:1.5,facts_varied/2-4+d1*3:0.6,facts/1:0.45,facts/2-4+d1:0.375"
+REST="needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
 case $PLAN in
   # session 12: fresh heads on S10s2's encoder
   s13) REPEAT=(--repeat-data); RUNS=("s13b --init $SHIPPED --new-head b --grow-rank 32 --lr 3e-4" "s13a --init $SHIPPED --new-head ab --lr 3e-4"
@@ -112,9 +119,7 @@ case $PLAN in
   # new seed, so against s18bW the only difference is 4x the rows; s19Wc continues s18bW (the candidate) on its recipe.
   # Evaluation is shared over the ranks (each rank scores every NGPU-th task), so MIN=16 ends near s18's ~1,390 s.
   # Needs /root/ckpt/s17wb (restore_ckpt.sh s17wb; stage.sh ckpt_s17wb) and /root/ckpt/s18bW (the same, s18bW).
-  s19) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
-                      --eval-conditions d2l,mismatched,bias_only,doc_only)
-       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; B=(--ce-weight 0.3 --bias-dropout 0.5)
+  s19) DP=1; TF_EVAL=("${LINEAGE_TF[@]}"); B=(--ce-weight 0.3 --bias-dropout 0.5)
        RUNS=("s19W --init /root/ckpt/s17wb --data-seed 41 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2"
              "s19Wc --init /root/ckpt/s18bW --data-seed 42 ${B[*]} --tasks $MIX,$R:3.6,$RS:1.2") ;;
   # session 19: s19 (session 18, 2 x H200: two 2-rank jobs, each ~2x s18bW's rows in 15 minutes) left SQuAD's specific
@@ -130,9 +135,7 @@ case $PLAN in
   # ~0.08, the mix is not the limit either (next: per-document latent targets regressed by the encoder, session 12).
   # Jobs: RANKS=2 GPUs each; an H200 holds two processes (~37 GiB each), an H100 one, so 4 x H200 runs all four,
   # 4 x H100 or 2 x H200 the first two. Needs /root/ckpt/s19Wc (restore_ckpt.sh s19Wc; stage.sh ckpt_s19Wc).
-  s20) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
-                      --eval-conditions d2l,mismatched,bias_only,doc_only)
-       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; B=(--ce-weight 0.3 --bias-dropout 0.5); C=/root/ckpt/s19Wc
+  s20) DP=1; TF_EVAL=("${LINEAGE_TF[@]}"); B=(--ce-weight 0.3 --bias-dropout 0.5); C=/root/ckpt/s19Wc
        PROSE="$R:3.6,$RS:1.2,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2,squad/1-2+d1*5:1.2"
        RUNS=("s20c --init $C --data-seed 43 ${B[*]} --anneal-to-deadline --tasks $MIX,$R:3.6,$RS:1.2"
              "s20p --init $C --data-seed 44 ${B[*]} --anneal-to-deadline --tasks $PROSE"
@@ -148,11 +151,8 @@ case $PLAN in
   # fell: 0.97); s21fq both. s20c is the shipped checkpoint (d2l-3dc0658ae11dd2d1, session 19), which travels with the
   # tracked tree: no checkpoint to stage. If another one has been shipped since, stage s20c (restore it from the commit
   # that shipped it) and point C at /root/ckpt/s20c.
-  s21) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
-                      --eval-conditions d2l,mismatched,bias_only,doc_only)
-       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
-       C=$SHIPPED; W="$R:3.6,$RS:1.2"
-       MIXF="facts_varied/1:1.5,facts_varied/2-4+d1*3:0.6,facts/1:0.45,facts/2-4+d1:0.375,needle_para/1-4+d1:0.7,needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
+  s21) DP=1; TF_EVAL=("${LINEAGE_TF[@]}"); B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
+       C=$SHIPPED; W="$R:3.6,$RS:1.2"; MIXF="$FQ,needle_para/1-4+d1:0.7,$REST"
        RUNS=("s21c --init $C --data-seed 45 ${B[*]} --tasks $MIX,$W"
              "s21f --init $C --data-seed 46 ${B[*]} --tasks $MIXF,$W"
              "s21q --init $C --data-seed 47 ${B[*]} --tasks $MIX,$W,$Q:2.4"
@@ -165,12 +165,8 @@ case $PLAN in
   # first two are what a 4 x H100 or 2 x H200 machine runs: s22c continues s21fq's recipe (the lineage's fifth stage);
   # s22q doubles the plain SQuAD rows (4.8: does the KL on real SQuAD keep falling with the dose?); s22n doubles
   # needle_para's weight (1.4: does the slip come back?); s22qn both.
-  s22) DP=1; TF_EVAL=(--eval-kl "${EVAL_KL:-128}" --eval-every "${EVAL_EVERY:-250}" --eval "$EVAL,wiki,wiki_swap,facts_bio_fresh,offtopic_squad,offtopic_wiki"
-                      --eval-conditions d2l,mismatched,bias_only,doc_only)
-       R="wiki/1-2+d1*8"; RS="wiki_swap/1-2+d1*8"; Q="squad/1-2+d1*5"; B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
+  s22) DP=1; TF_EVAL=("${LINEAGE_TF[@]}"); B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
        C=/root/ckpt/s21fq; W="$R:3.6,$RS:1.2"
-       FQ="facts_varied/1:1.5,facts_varied/2-4+d1*3:0.6,facts/1:0.45,facts/2-4+d1:0.375"
-       REST="needle/1-4:0.4,text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2"
        RUNS=("s22c --init $C --data-seed 49 ${B[*]} --tasks $FQ,needle_para/1-4+d1:0.7,$REST,$W,$Q:2.4"
              "s22q --init $C --data-seed 50 ${B[*]} --tasks $FQ,needle_para/1-4+d1:0.7,$REST,$W,$Q:4.8"
              "s22n --init $C --data-seed 51 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$W,$Q:2.4"
