@@ -194,6 +194,7 @@ python3 -c "from d2l_integrations.engine.base_model import load_base_model as m;
     2>&1 | grep -v "^Converting" | tail -n 3
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
+  extra="$extra ${EXTRA:-}"  # EXTRA: arguments for every run of the plan (e.g. EXTRA=--compile once it is measured to pay)
   mkdir -p $RUNS_ROOT/$name/out
   TA=(); [ -f .stage/ta/teacher_answers.json.gz ] && TA=(--teacher-answers .stage/ta/teacher_answers.json.gz)
   if [ "${DP:-0}" = 1 ]; then

@@ -100,3 +100,9 @@ def test_plan_s22_continues_s21fq_and_keeps_s21fqs_recipe_in_its_control(tmp_pat
     assert mix(runs["s22qn"]) == {**s21fq, "squad/1-2+d1*5": 4.8, "needle_para/1-4+d1": 1.4}
     # a 4 x H100 machine runs the first two: the control and the dose
     assert sorted(launch(tmp_path / "h100", "s22", gpus=4, mem_mib=81_559)) == ["s22c", "s22q"]
+
+
+def test_extra_arguments_reach_every_run_of_the_plan(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s22", gpus=4, mem_mib=143_771, EXTRA="--compile")
+    assert len(runs) == 4 and all(line.split(" --work ")[0].endswith(" --compile") for line in runs.values())
+    assert not any("--compile" in line for line in launch(tmp_path / "plain", "s22", gpus=4, mem_mib=143_771).values())
