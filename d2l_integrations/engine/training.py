@@ -372,7 +372,8 @@ class CompiledLayers:
     and do nothing in these passes; they are back, in their order, when the block ends.
     """
 
-    def __init__(self, decoder: nn.Module, backend: str) -> None:
+    def __init__(self, decoder: nn.Module, backend: str, slots: LoRASlots) -> None:
+        self.slots = slots  # the student pass's LoRA, read by hooks the compiled layers trace
         self.layers = list(decoder.layers)
         self.compiled = [torch.compile(layer.forward, dynamic=True, backend=backend) for layer in self.layers]
         self.inner = [m for layer in self.layers for m in layer.modules() if m is not layer]
@@ -675,13 +676,12 @@ class DistillationTrainer:
         # backend, a string names one), dynamic shapes, the LoRA through LoRASlots' permanent hooks. The step is bound
         # by ~17k eager operator launches (training_log.md, session 13); compiling fuses them. A runtime choice, not
         # part of the recipe: a run may resume with or without it.
-        self.slots: LoRASlots | None = None
         self._compiled: CompiledLayers | None = None
         if compile:
-            self.slots = LoRASlots(self.model, self.module_paths)
+            slots = LoRASlots(self.model, self.module_paths)
             with torch.no_grad():  # transformers installs its capturing hooks on the first such call: before, not inside, active()
                 self.model.model(input_ids=torch.ones(1, 2, dtype=torch.long, device=self.device), output_hidden_states=True, use_cache=False)
-            self._compiled = CompiledLayers(self.model.model, compile if isinstance(compile, str) else "inductor")
+            self._compiled = CompiledLayers(self.model.model, compile if isinstance(compile, str) else "inductor", slots)
         self.features_fn = features_fn
         try:  # the D2L convention (last entry through the final norm) when the hypernetwork module is there
             from d2l_integrations.engine.hypernetwork import features_from_hidden_states
@@ -856,10 +856,9 @@ class DistillationTrainer:
 
     def close(self) -> None:
         """Leave the shared base model as it was: ``compile``'s hooks off (the trainer trains eager after this)."""
-        if self.slots is not None:
-            self.slots.remove()
-            self.slots = None
-        self._compiled = None
+        if self._compiled is not None:
+            self._compiled.slots.remove()
+            self._compiled = None
 
     def bias(self) -> Factors | None:
         fn = getattr(self.hypernet, "bias_factors", None)
@@ -867,8 +866,8 @@ class DistillationTrainer:
 
     def student(self, batch: Batch, factors: Factors | None, *, bias: bool = True) -> torch.Tensor:
         bias_factors = self.bias() if bias else None
-        if self.slots is not None and self._compiled is not None:
-            with self.slots.use(factors, bias_factors, self.scaling), self._compiled.active():
+        if self._compiled is not None:
+            with self._compiled.slots.use(factors, bias_factors, self.scaling), self._compiled.active():
                 h = self.model.model(input_ids=batch.student_ids, use_cache=False).last_hidden_state
         else:
             with lora_forward(self.model, self.module_paths, factors, self.scaling, bias_factors):
