@@ -191,7 +191,7 @@ if [ "$PROCS_A_GPU" -gt 1 ]; then export D2L_CUDA_MEMORY_FRACTION=$(python3 -c "
 # convert the GGUF once before the runs start: 8 processes converting into the same cache folder at once read one another's
 # half-written config.json and all died (session 19's first s20 launch)
 python3 -c "from d2l_integrations.engine.base_model import load_base_model as m; m('/root/stage', device='cuda', gguf_file='smol.gguf')" \
-    2>&1 | grep -v "^Converting" | tail -n 3
+    2>&1 | { grep -v "^Converting" || true; } | tail -n 3  # grep finds nothing when the cache is converted already
 for i in $(seq 0 $(( SLOTS < ${#RUNS[@]} ? SLOTS - 1 : ${#RUNS[@]} - 1 ))); do
   read -r name extra <<< "${RUNS[$i]}"
   extra="$extra ${EXTRA:-}"  # EXTRA: arguments for every run of the plan (e.g. EXTRA=--compile once it is measured to pay)

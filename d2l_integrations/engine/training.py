@@ -639,6 +639,35 @@ def default_features(hidden_states: Sequence[torch.Tensor], num_layers: int) -> 
 _PACE_STEPS = 20  # anneal_to_deadline: steps timed before the first estimate of the deadline's step
 
 
+class StepClock:
+    """Step times for the deadline: how long the next step may take, and seconds a step at the run's pace.
+
+    Steps that compiled new graphs (``compile``) are kept apart: on an H200 the first compiled step took 86 s and the
+    steady ones well under a second (session 21), so one such step in the median stopped a 180-s run after step 1.
+    """
+
+    def __init__(self) -> None:
+        self.steady: list[float] = []
+        self.compiling: list[float] = []
+
+    def record(self, seconds: float, *, compiled: bool = False) -> None:
+        (self.compiling if compiled else self.steady).append(seconds)
+
+    def margin(self) -> float:
+        """Seconds the next step is given: 3 x the recent median of steady steps (or the last compiling one) + 5."""
+        if self.steady:
+            return 3 * float(np.median(self.steady[-20:])) + 5
+        return (self.compiling[-1] if self.compiling else 0.0) + 5
+
+    def timed(self) -> bool:
+        return bool(self.steady or self.compiling)
+
+    def pace(self, elapsed: float) -> float | None:
+        """Seconds a steady step at this call's pace (evaluations and logging included), once ``_PACE_STEPS`` ran."""
+        n = len(self.steady)
+        return (elapsed - sum(self.compiling)) / n if n >= _PACE_STEPS else None
+
+
 class DistillationTrainer:
     """Trains ``hypernet`` to map a document's teacher features to a LoRA (see module docstring).
 
@@ -1049,22 +1078,23 @@ class DistillationTrainer:
         c = self.config
         stop = min(c.max_steps, max_steps or c.max_steps)
         t0 = time.time()
-        t_last, tok_last, step_times, first = t0, self.tokens_seen, [], self.step
+        t_last, tok_last, clock = t0, self.tokens_seen, StepClock()
         ema: dict[str, float] = {}
         self._stop_agreed = False
         while self.step < stop and not self._stop_agreed:
             ts = time.time()
-            margin = 3 * float(np.median(step_times[-20:])) + 5 if step_times else 5.0  # a step must end before the deadline
-            near = deadline is not None and bool(step_times) and ts + margin > deadline
+            margin = clock.margin()  # a step must end before the deadline
+            near = deadline is not None and clock.timed() and ts + margin > deadline
             if near and self.world_size == 1:
                 logger.info("Stopping at step %d before the deadline", self.step)
                 break
             self._stop_vote = near  # data parallel: the step still runs on every rank, then all stop together
-            if c.anneal_to_deadline and deadline is not None and self.step - first >= _PACE_STEPS:
-                pace = (ts - t0) / (self.step - first)  # seconds a step in this call, evaluations and logging included
+            pace = clock.pace(ts - t0) if c.anneal_to_deadline and deadline is not None else None
+            if pace is not None:
                 self._horizon_vote = float(min(c.max_steps, self.step + max(1.0, (deadline - margin - ts) / pace)))
+            graphs = self._graph_count()
             rec = self.train_step()
-            step_times.append(time.time() - ts)
+            clock.record(time.time() - ts, compiled=self._graph_count() > graphs)
             if "skipped" in rec:
                 continue
             for k, v in rec.items():
@@ -1072,7 +1102,7 @@ class DistillationTrainer:
             if self.step % c.log_every == 0 or self.step == 1:
                 now = time.time()
                 line = {"step": self.step, **{k: round(v, 5) for k, v in rec.items()}, **{f"ema_{k}": round(v, 4) for k, v in ema.items() if k in ("loss", "kl", "key_ce", "key_acc")},
-                        "tok_per_s": round((self.tokens_seen - tok_last) / max(1e-9, now - t_last)), "s_per_step": round(float(np.median(step_times[-c.log_every:])), 4)}
+                        "tok_per_s": round((self.tokens_seen - tok_last) / max(1e-9, now - t_last)), "s_per_step": round(float(np.median((clock.steady or clock.compiling)[-c.log_every:])), 4)}
                 t_last, tok_last = now, self.tokens_seen
                 self._log(line, on_log)
             if c.eval_every and self.step % c.eval_every == 0:
@@ -1082,10 +1112,19 @@ class DistillationTrainer:
         self.elapsed_s += time.time() - t0
         self._log({"step": self.step, "stopped": "deadline" if self.step < stop else "steps", "elapsed_s": round(self.elapsed_s, 1),
                    "tokens_seen": self.tokens_seen, "skipped_rows": self.skipped_rows,
-                   "wrong_teacher_rows": self.wrong_teacher_rows}, on_log)
+                   "wrong_teacher_rows": self.wrong_teacher_rows,
+                   **({"compiling_steps": len(clock.compiling), "compiling_s": round(sum(clock.compiling), 1)} if self._compiled else {})}, on_log)
         if self.out_dir is not None:
             self.save_state()
         return {"step": self.step, "elapsed_s": self.elapsed_s, "ema": ema}
+
+    def _graph_count(self) -> int:
+        """Graphs ``torch.compile`` made so far in this process (0 when not compiling): a step that adds one compiled."""
+        if self._compiled is None:
+            return 0
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
 
     def _log(self, line: dict, on_log: Callable[[dict], None] | None) -> None:
         if not self.is_main:

@@ -26,9 +26,10 @@ if [ "$1" = -L ]; then for i in $(seq 0 $((FAKE_N - 1))); do echo "GPU $i: fake"
     "torchrun": """#!/usr/bin/env bash
 echo "GPUS=$CUDA_VISIBLE_DEVICES SHARE=${D2L_CUDA_MEMORY_FRACTION:-none} torchrun $*"
 """,
-    # the GGUF conversion before the runs is a no-op here; `python3 -c` arithmetic runs for real
+    # the GGUF conversion before the runs is a silent no-op here, as it is on a machine that converted it already
+    # (session 21: grep then found no line and stopped the launch); `python3 -c` arithmetic runs for real
     "python3": f"""#!/usr/bin/env bash
-if [[ "$*" == *load_base_model* ]]; then echo warm; elif [ "$1" = -c ]; then exec {sys.executable} "$@"; else echo "python3 $*"; fi
+if [[ "$*" == *load_base_model* ]]; then :; elif [ "$1" = -c ]; then exec {sys.executable} "$@"; else echo "python3 $*"; fi
 """,
 }
 

@@ -141,6 +141,39 @@ def test_anneal_to_deadline_ends_the_cosine_when_time_runs_out(tiny_base):
     assert all(a["lr"] >= b["lr"] for a, b in zip(annealed[5:], annealed[6:]))  # past warm-up it only comes down
 
 
+def test_step_clock_keeps_compiling_steps_out_of_the_deadline():
+    """Session 21: an 86-s compiling first step put 3 x 86 + 5 s of margin on a 180-s run, which stopped after it."""
+    from d2l_integrations.engine.training import _PACE_STEPS, StepClock
+
+    clock = StepClock()
+    assert not clock.timed() and clock.margin() == 5.0
+    clock.record(86.0, compiled=True)
+    assert clock.timed() and clock.margin() == pytest.approx(91.0)  # the next step may compile again, not 3 x
+    clock.record(0.3)
+    assert clock.margin() == pytest.approx(5.9)  # one steady step and its time counts alone
+    assert clock.pace(100.0) is None  # too few steady steps to pace the anneal
+    for _ in range(_PACE_STEPS - 1):
+        clock.record(0.3)
+    assert clock.pace(86.0 + _PACE_STEPS * 0.5) == pytest.approx(0.5)  # the compiling time is not spread over them
+
+
+def test_compiled_training_reports_its_compiling_steps(tiny_base):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    lines: list[dict] = []
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(prefetch=False), compile="aot_eager")
+    try:
+        trainer.train(max_steps=4, on_log=lines.append)
+    finally:
+        trainer.close()
+    end = lines[-1]
+    assert end["stopped"] == "steps" and 1 <= end["compiling_steps"] <= 4 and end["compiling_s"] > 0
+    eager: list[dict] = []
+    DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(prefetch=False)).train(max_steps=2, on_log=eager.append)
+    assert "compiling_steps" not in eager[-1]
+
+
 def test_top_k_kl_and_eval_table(tiny_base):
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(top_k=8))
     rec = trainer.train_step()
