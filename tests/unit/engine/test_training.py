@@ -971,6 +971,12 @@ def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path
     assert {"matched_kl", "mismatched_kl", "bias_only_kl", "none_kl", "doc_only_kl", "matched_key_acc"} <= set(kl)
     with pytest.raises(SystemExit):
         main([*args, "--eval-conditions", "d2l,full"])
+    main([*args, "--eval", "facts,needle_alone", "--eval-n-for", "needle_alone=6", "--eval-conditions", "d2l,mismatched"])
+    table = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert table["needle_alone"]["n"] == 6 and table["facts"]["n"] == 4  # the others keep --eval-n
+    for bad in ("needle_alone:6", "cloze=6"):  # not TASK=N; a task --eval does not evaluate
+        with pytest.raises(SystemExit):
+            main([*args, "--eval-n-for", bad])
 
 
 def test_precompute_finds_the_teacher_questions_under_nested_wrappers(tiny_base, monkeypatch):
