@@ -221,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     if not conditions or set(conditions) - set(EVAL_CONDITIONS + EXTRA_CONDITIONS):
         p.error(f"--eval-conditions must name some of {','.join(EVAL_CONDITIONS + EXTRA_CONDITIONS)}, got {args.eval_conditions!r}")
     try:
-        n_for = {t: int(k) for t, k in (item.split("=") for item in args.eval_n_for.split(",") if item)}
+        # keyed as evaluate() scores them: one question a document, so without a "*k"
+        n_for = {one_question_per_document(t): int(k) for t, k in (item.split("=") for item in args.eval_n_for.split(",") if item)}
     except ValueError:
         p.error(f"--eval-n-for takes TASK=N pairs separated by commas (e.g. squad=768), got {args.eval_n_for!r}")
-    if unknown := set(n_for) - {t for t in args.eval.split(",") if t}:
+    if unknown := set(n_for) - {one_question_per_document(t) for t in args.eval.split(",") if t}:
         p.error(f"--eval-n-for names tasks that --eval does not evaluate: {sorted(unknown)}; add them to --eval or drop them")
     if args.eval_batch < 2:
         p.error(f"--eval-batch must be >= 2 (the mismatched control pairs documents within a batch), got {args.eval_batch}")
