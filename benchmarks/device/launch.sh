@@ -171,6 +171,16 @@ case $PLAN in
              "s22q --init $C --data-seed 50 ${B[*]} --tasks $FQ,needle_para/1-4+d1:0.7,$REST,$W,$Q:4.8"
              "s22n --init $C --data-seed 51 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$W,$Q:2.4"
              "s22qn --init $C --data-seed 52 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$W,$Q:4.8") ;;
+  # session 22: the lineage stopped moving greedy SQuAD, and it learns its 17 SQuAD training articles twice as well as
+  # held-out ones. New lever: SQuAD-style questions on ~3,000 Wikipedia passages (wiki_qa, teacher answers), from
+  # s22qn; c = s22qn's mix again (the control), a = plus wiki_qa, b = plus twice as much wiki_qa with half the wiki
+  # cloze (the candidate, named in the training log before the run), e = b's wiki_qa with half the plain SQuAD rows
+  s23) DP=1; TF_EVAL=("${LINEAGE_TF[@]}"); B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline)
+       C=/root/ckpt/s22qn; WQ="wiki_qa/1-2+d1*3"; REST2="$FQ,needle_para/1-4+d1:1.4,$REST"
+       RUNS=("s23c --init $C --data-seed 53 ${B[*]} --tasks $REST2,$R:3.6,$RS:1.2,$Q:4.8"
+             "s23a --init $C --data-seed 54 ${B[*]} --tasks $REST2,$R:3.6,$RS:1.2,$Q:4.8,$WQ:2.4"
+             "s23b --init $C --data-seed 55 ${B[*]} --tasks $REST2,$R:1.8,$RS:1.2,$Q:4.8,$WQ:4.8"
+             "s23e --init $C --data-seed 56 ${B[*]} --tasks $REST2,$R:3.6,$RS:1.2,$Q:2.4,$WQ:4.8") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

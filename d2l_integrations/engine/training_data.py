@@ -20,6 +20,8 @@ Tasks (``make_task(name, ...)``):
   holding a made-up name or number): a response of a whole clause of the passage's own words.
 - ``wiki``, ``wiki_swap``, ``wiki_recite``: ``text``, ``text_swap`` and ``recite_swap`` over ``wiki_corpus``, the lead sections of ~10,000
   Wikipedia articles (none on a SQuAD dev topic): several times more distinct natural passages than ``text_corpus``.
+- ``wiki_qa``: SQuAD-style questions ("... from what year to 1855?") about ``wiki_corpus`` passages, answered by the
+  teacher: the reading-comprehension format on thousands of documents.
 - ``squad``: SQuAD paragraphs and their questions; ``squad_swap``: the same with names and
   numbers made up afresh on every draw, asked only where the answer holds one.
 - ``targets``: documents with a precomputed ``distill`` adapter, for the reconstruction loss.
@@ -47,7 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
-from d2l_integrations.engine.questions import _STOPWORDS, _copula_question, find_spans  # stdlib only
+from d2l_integrations.engine.questions import (  # stdlib only
+    _STOPWORDS,
+    Span,
+    _copula_question,
+    _wh_question,
+    find_spans,
+)
 
 NEEDLE_QUESTION = "What is the special magic number? Reply with only the number."
 FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -902,6 +910,112 @@ class SquadSwapTask(SquadTask):
                     for j in picks]
 
 
+_WH_DEMONYM = re.compile(r"(?:an|ese|ish|ch|ic|i)$")
+_WH_MAX_WORDS = 24
+_WH_VERBS = [[w] for w in "is was are were has had have became becomes remains remained".split()]
+
+
+def wh_question(sentence: str, span: Span) -> tuple[str, str] | None:
+    """A SQuAD-style question on ``span`` of ``sentence`` and its gold answer, or None where the span
+    does not make one that reads as a question (an adjective, a possessive, a part of a word, a sentence too long).
+
+    The span is replaced by a question word in place (``questions._wh_question``: "... from what year to 1855?");
+    a clause of the sentence before the span's (after a ``;``) and the words after its clause (from the next
+    ``,``/``;``/``:``) are left out, as SQuAD questions quote a clause rather than a whole sentence.
+    """
+    if span.kind not in ("date", "number", "name"):
+        return None
+    answer = sentence[span.start:span.end]
+    prev, after = sentence[span.start - 1] if span.start else " ", sentence[span.end:span.end + 2]
+    inside = prev in "(\"'-/\u2013" or after[:1] in ("'", "\u2019", "-", "\u2013", ")") or (after[:1] == "." and after[1:2] not in ("", " "))
+    if inside or (span.kind == "name" and any(c in answer for c in ".'\u2019")):
+        return None  # inside a parenthesis or a word ("U.S", "20-fathom", "Nicholas's")
+    if span.kind == "name" and " " not in answer and _WH_DEMONYM.search(answer) and after[1:2].islower():
+        return None  # "the Canadian province", "French explorers": an adjective, not a thing asked about
+    head_cut = sentence.rfind(";", 0, span.start) + 1
+    opens = not sentence[head_cut:span.start].strip()
+    if span.kind == "name" and opens and " " not in answer and sentence[span.end:].split(" ", 2)[1:2] not in _WH_VERBS:
+        return None  # "Within ...", "Although ...", "Hydrologically, ...": a capitalised opener, not a name
+    tail_m = re.search(r"[,;:](?!\d)|\s\(", sentence[span.end:])
+    clause = sentence[head_cut:span.end + tail_m.start()] if tail_m else sentence[head_cut:]
+    start = span.start - head_cut
+    if head_cut:
+        lead = len(clause) - len(clause.lstrip())
+        clause, start = clause.lstrip(), start - lead
+        clause = clause[:1].upper() + clause[1:]
+    text = _wh_question(clause, Span(span.kind, start, start + len(answer)))
+    if text is None:
+        return None
+    if start == 0:  # "Who was one of the earliest kingdoms in Syria?" asks for a person: "What" reads right for any
+        text = "What" + text[3:] if text.startswith("Who") else text
+    words = text.split()
+    if not 4 <= len(words) <= _WH_MAX_WORDS or answer.lower() in text.lower():
+        return None
+    return text, answer
+
+
+class WikiQATask:
+    """SQuAD-style questions about Wikipedia lead sections: the reading-comprehension format on thousands of documents.
+
+    ``squad`` trains the question format on ~800 paragraphs of 17 articles, and the network learns those articles
+    about twice as well as held-out ones (session 21: 16-19 % against 5.5-8.2 %). This task asks the same kind of
+    question ("The nearest star to Earth is what?", "Nicholas I was Emperor of Russia from what year to 1855?";
+    ``wh_question``) about passages of ``wiki_corpus(split)`` (~6,600 training articles, none on a SQuAD dev topic).
+    The response is the teacher's own answer, as for ``squad``: the question set is fixed (``n_passages`` passages of
+    ``min_tokens``..``max_tokens`` nominal tokens, up to ``questions`` each, drawn with ``seed``), so the trainer
+    generates every answer once, before training (``teacher_examples``), and caches them.
+    """
+
+    name = "wiki_qa"
+
+    def __init__(self, *, split: str = "train", n_passages: int = 3000, questions: int = 3, min_tokens: int = 64,
+                 max_tokens: int = 256, seed: int = 0, root: Path | None = None) -> None:
+        if n_passages < 2 or questions < 1:
+            msg = f"wiki_qa needs n_passages >= 2 and questions >= 1, got {n_passages} and {questions}."
+            raise ValueError(msg)
+        docs = wiki_corpus(split, root)
+        sizes = np.asarray([len(d) for d in docs], dtype=np.float64)
+        rng = np.random.default_rng([seed, 4127, 0 if split == "train" else 1])
+        self._items: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+        seen: set[str] = set()
+        for _ in range(n_passages * 20):
+            if len(self._items) == n_passages:
+                break
+            sents = docs[int(rng.choice(len(docs), p=sizes / sizes.sum()))]
+            target = int(rng.integers(min_tokens, max_tokens + 1) * CHARS_PER_TOKEN)
+            chosen = _window(sents, int(rng.integers(len(sents))), target)
+            doc = " ".join(chosen)
+            if doc in seen or len(doc) < target // 3:
+                continue
+            asked: dict[str, str] = {}
+            for j in rng.permutation(len(chosen)):
+                options = [qa for sp in find_spans(chosen[int(j)]) if (qa := wh_question(chosen[int(j)], sp)) is not None]
+                if options:
+                    q, a = options[int(rng.integers(len(options)))]
+                    asked.setdefault(q, a)
+                if len(asked) == questions:
+                    break
+            if asked:
+                seen.add(doc)
+                self._items.append((doc, tuple(asked.items())))
+        if len(self._items) < 2:
+            msg = f"wiki_qa found {len(self._items)} passages with a question in {split!r} wiki_corpus; it needs at least 2."
+            raise ValueError(msg)
+
+    def teacher_examples(self) -> list[Example]:
+        """Every (passage, question) of the set: what the teacher answers before training."""
+        return [Example(doc, q, "", "", (a,), self.name, teacher_response=True) for doc, qs in self._items for q, a in qs]
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        return self.sample_group(rng, 1)[0]
+
+    def sample_group(self, rng: np.random.Generator, k: int) -> list[Example]:
+        """Up to ``k`` distinct questions about one passage of the set."""
+        doc, qs = self._items[int(rng.integers(len(self._items)))]
+        picks = [int(rng.integers(len(qs)))] if k == 1 else rng.choice(len(qs), size=min(k, len(qs)), replace=False)
+        return [Example(doc, qs[int(j)][0], "", "", (qs[int(j)][1],), self.name, teacher_response=True) for j in picks]
+
+
 # ---------------------------------------------------------------------------------- multi-chunk
 class TargetTask:
     """Documents with a precomputed ``distill`` adapter, asked the questions they were distilled on.
@@ -1033,14 +1147,14 @@ def one_question_per_document(name: str) -> str:
 # ----------------------------------------------------------------------------------------- mix
 def make_task(name: str, *, split: str = "train", **kwargs):  # noqa: ANN201 - one of the task classes
     """A task by name: ``needle`` / ``needle_alone`` / ``needle_line`` / ``needle_essay`` / ``needle_para``
-    / ``facts`` / ``facts_varied`` / ``facts_bio`` / ``facts_bio_fresh`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``squad``
-    / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``); ``offtopic_<task>`` asks
+    / ``facts`` / ``facts_varied`` / ``facts_bio`` / ``facts_bio_fresh`` (eval only) / ``cloze`` / ``text`` / ``text_swap`` / ``recite_swap`` / ``wiki`` / ``wiki_swap`` / ``wiki_recite`` / ``wiki_qa`` /
+    ``squad`` / ``squad_swap`` / ``targets`` (documents with a ``distill`` adapter; ``targets_dir=``); ``offtopic_<task>`` asks
     about another document of ``<task>`` (``OffTopicTask``): ``offtopic_wiki``.
 
     A suffix ``/k`` or ``/lo-hi`` splits each document into that many chunks whose adapters are
     summed, and ``+dN`` adds up to N distractor chunks from other documents: ``facts_varied/1-4+d2``.
     A final ``*k`` asks up to ``k`` questions about each drawn document in the same batch (tasks with a
-    ``sample_group``: ``text``, ``text_swap``, ``recite_swap``, ``squad``, ``squad_swap``, ``facts_varied``, ``targets``): ``text/1-3+d1*4``.
+    ``sample_group``: ``text``, ``text_swap``, ``recite_swap``, ``squad``, ``squad_swap``, ``wiki_qa``, ``facts_varied``, ``targets``): ``text/1-3+d1*4``.
     Keyword arguments a task does not take are ignored.
     """
     m = re.fullmatch(r"([a-z_]+)(?:/(\d+)(?:-(\d+))?)?(?:\+d(\d+))?(?:\*(\d+))?", name)
@@ -1117,12 +1231,14 @@ def _base_task(name: str, split: str, kwargs: dict):  # noqa: ANN202
         return cls(split=split, corpus=corpus, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root", "names")})
     if name == "targets":
         return TargetTask(split=split, **{k: v for k, v in kwargs.items() if k == "targets_dir"})
+    if name == "wiki_qa":
+        return WikiQATask(split=split, **{k: v for k, v in kwargs.items() if k in ("min_tokens", "max_tokens", "root")})
     if name in ("squad", "squad_swap"):
         cls = SquadTask if name == "squad" else SquadSwapTask
         return cls(split=split, **{k: v for k, v in kwargs.items() if k in ("max_paragraphs", "max_tokens", "root", "names")})
     msg = (f"Unknown task {name!r}. Known: needle, needle_alone, needle_line, needle_essay, needle_para, facts, "
-           "facts_varied, facts_bio, facts_bio_fresh, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, squad, squad_swap, targets, "
-           "and offtopic_<any of these>.")
+           "facts_varied, facts_bio, facts_bio_fresh, cloze, text, text_swap, recite_swap, wiki, wiki_swap, wiki_recite, wiki_qa, squad, squad_swap, "
+           "targets, and offtopic_<any of these>.")
     raise ValueError(msg)
 
 

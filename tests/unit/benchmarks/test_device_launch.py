@@ -107,3 +107,22 @@ def test_extra_arguments_reach_every_run_of_the_plan(tmp_path: Path) -> None:
     runs = launch(tmp_path, "s22", gpus=4, mem_mib=143_771, EXTRA="--compile")
     assert len(runs) == 4 and all(line.split(" --work ")[0].endswith(" --compile") for line in runs.values())
     assert not any("--compile" in line for line in launch(tmp_path / "plain", "s22", gpus=4, mem_mib=143_771).values())
+
+
+def test_plan_s23_continues_s22qn_with_its_mix_as_the_control_and_adds_wiki_qa(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s23", gpus=4, mem_mib=143_771)
+    assert sorted(runs) == ["s23a", "s23b", "s23c", "s23e"]
+    assert all("--init /root/ckpt/s22qn " in line and "--anneal-to-deadline" in line for line in runs.values())
+
+    def mix(line: str) -> dict[str, float]:
+        tasks = line.split("--tasks ")[-1].split()[0]
+        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
+
+    s22qn = mix(launch(tmp_path / "s22", "s22", gpus=4, mem_mib=143_771)["s22qn"])
+    wq = "wiki_qa/1-2+d1*3"
+    assert mix(runs["s23c"]) == s22qn
+    assert mix(runs["s23a"]) == {**s22qn, wq: 2.4}
+    assert mix(runs["s23b"]) == {**s22qn, "wiki/1-2+d1*8": 1.8, wq: 4.8}
+    assert mix(runs["s23e"]) == {**s22qn, "squad/1-2+d1*5": 2.4, wq: 4.8}
+    seeds = [line.split("--data-seed ")[1].split()[0] for line in runs.values()]
+    assert len(set(seeds)) == 4 and not set(seeds) & {"49", "50", "51", "52"}  # no batch of s22 repeated

@@ -1326,3 +1326,65 @@ def test_compiled_passes_leave_other_hooks_out_of_the_graph_and_put_them_back(ti
             torch.testing.assert_close(base.model(ids).logits, adapted)  # the engine's path still adds its adapter
     finally:
         trainer.close()
+
+
+def test_wh_question_asks_in_place_about_names_numbers_and_dates_and_skips_what_does_not_read_as_a_question():
+    from d2l_integrations.engine.questions import find_spans
+    from d2l_integrations.engine.training_data import wh_question
+
+    def asked(sentence: str) -> dict[str, str]:
+        return {a: q for sp in find_spans(sentence) if (qa := wh_question(sentence, sp)) for q, a in [qa]}
+
+    got = asked("Nicholas I was Emperor of Russia from 1825 to 1855.")
+    assert got["1825"] == "Nicholas I was Emperor of Russia from what year to 1855?"
+    assert got["Nicholas I"].startswith("What was Emperor of Russia")  # "What", not "Who", for any subject
+    got = asked("It has a total land area of 6,020 square kilometers (2,325 sq mi), mostly forest.")
+    assert got["6,020"] == "It has a total land area of how many square kilometers?"  # the clause ends at " ("
+    assert "2,325" not in got  # inside a parenthesis
+    got = asked("It is shared by the Canadian province of Ontario and the U.S. state of Michigan; its name is French.")
+    assert "Canadian" not in got and "U.S" not in got  # an adjective; part of an abbreviation
+    assert got["Ontario"] == "It is shared by the Canadian province of what and the U.S. state of Michigan?"
+    assert "French" not in asked("Hydrologically, Lake Huron drains east; French explorers named it.")
+    assert "Hydrologically" not in asked("Hydrologically, Lake Huron drains east; French explorers named it.")
+    assert "Within" not in asked("Within ten years the city grew to twice its size.")
+    assert "Nicholas's" not in asked("Nicholas's reign began with the failed Decembrist revolt.")
+
+
+def test_wiki_qa_is_a_fixed_set_of_squad_style_questions_on_wikipedia_passages_answered_by_the_teacher(tmp_path):
+    from d2l_integrations.engine import training_data as td
+
+    rows = {f"Town {i}": {"title": f"Town {i}", "extract": f"Town {i} lies on the Velmar river. Town {i} had {i + 2} mills in 1890. "
+                          f"Its first mayor was Orla Fenn of Dask {i}. The town hall {i} was built by Kessel and Sons in 1902."} for i in range(300)}
+    (tmp_path / "wiki_vital").mkdir()
+    (tmp_path / "wiki_vital" / "summaries_en-us.json").write_text(json.dumps(rows))
+    task = td.make_task("wiki_qa", split="train", root=tmp_path, min_tokens=16, max_tokens=40)
+    again = td.make_task("wiki_qa", split="train", root=tmp_path, min_tokens=16, max_tokens=40)
+    examples = task.teacher_examples()
+    assert examples == again.teacher_examples()  # the set is fixed, so its teacher answers are generated once
+    assert len({e.doc for e in examples}) > 100
+    for e in examples:
+        assert e.teacher_response and not e.response and e.question.endswith("?") and len(e.answers) == 1
+        assert e.answers[0] in e.doc and e.answers[0].lower() not in e.question.lower()
+    held = {e.doc for e in td.make_task("wiki_qa", split="eval", root=tmp_path, min_tokens=16, max_tokens=40).teacher_examples()}
+    assert held and not held & {e.doc for e in examples}  # wiki_corpus's split: no passage in both
+    keys = {(e.doc, e.question) for e in examples}
+    group = td.make_task("wiki_qa/1-2+d1*3", split="train", root=tmp_path, min_tokens=16, max_tokens=40).sample_group(
+        np.random.default_rng(0), 3)
+    assert len({e.doc for e in group}) == 1 and all((e.doc, e.question) in keys for e in group)  # cached answers serve the draws
+    with pytest.raises(ValueError, match="n_passages"):
+        td.WikiQATask(root=tmp_path, n_passages=1)
+
+
+def test_wiki_qa_rows_have_their_teacher_answers_precomputed_and_train(tiny_base, tmp_path, monkeypatch):
+    rows = {f"Town {i}": {"title": f"Town {i}", "extract": f"Town {i} lies on the Velmar river. Town {i} had {i + 2} mills in 1890. "
+                          f"Its first mayor was Orla Fenn of Dask {i}."} for i in range(40)}
+    (tmp_path / "wiki_vital").mkdir()
+    (tmp_path / "wiki_vital" / "summaries_en-us.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("D2L_DATA_DIR", str(tmp_path))
+    trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(tasks=(("wiki_qa/1-2+d1*3", 1.0),), max_doc_tokens=96,
+                                                                               teacher_max_new_tokens=4, eval_size=2))
+    inner = trainer.train_data.tasks[0].task.task
+    assert trainer.precompute_teacher_responses(batch_size=16) == len(inner.teacher_examples()) > 20
+    before = dict(trainer._teacher_answers)
+    rec = trainer.train_step()
+    assert np.isfinite(rec["loss"]) and trainer._teacher_answers == before  # every draw's answer was cached already
