@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # There (after stage.sh a..d): tokens/s of S10s2's training mix on GPU 0, the batch drawn ahead on a thread (prefetch)
 # against drawn inside the step (MODES), at each batch size of $BATCHES, one run after the other, $SEC seconds of
-# training each; prints per-run means over logged steps > $SKIP.
+# training each; prints per-run means over logged steps > $SKIP. PARALLEL=1: the modes side by side on GPUs GPU0, GPU0+1, ...
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D2L_DATA_DIR=/root/data HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEC=${SEC:-90}; SKIP=${SKIP:-50}; BATCHES=${BATCHES:-32}
@@ -37,7 +37,7 @@ PY
 for batch in $BATCHES; do
   i=0
   for m in ${MODES:-prefetch no-prefetch}; do
-    if [ "${PARALLEL:-0}" = 1 ]; then run_mode "$m" "$batch" "$i" > /root/tp/out.$m.$batch 2>&1 & else run_mode "$m" "$batch" 0; fi
+    if [ "${PARALLEL:-0}" = 1 ]; then run_mode "$m" "$batch" "$((i + ${GPU0:-0}))" > /root/tp/out.$m.$batch 2>&1 & else run_mode "$m" "$batch" 0; fi
     i=$((i + 1))
   done
   if [ "${PARALLEL:-0}" = 1 ]; then wait; cat /root/tp/out.*.$batch; fi
