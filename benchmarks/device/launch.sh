@@ -181,6 +181,12 @@ case $PLAN in
              "s23a --init $C --data-seed 54 ${B[*]} --tasks $REST2,$R:3.6,$RS:1.2,$Q:4.8,$WQ:2.4"
              "s23b --init $C --data-seed 55 ${B[*]} --tasks $REST2,$R:1.8,$RS:1.2,$Q:4.8,$WQ:4.8"
              "s23e --init $C --data-seed 56 ${B[*]} --tasks $REST2,$R:3.6,$RS:1.2,$Q:2.4,$WQ:4.8") ;;
+  # session 22: no mix, task or architecture change of the lineage has moved held-out SQuAD; is it the rows? One
+  # data-parallel job over every GPU, one compiled batch-64 process a GPU (100.6k tok/s a process on an H200, session
+  # 22), s22qn's mix from s22qn: ~6 x the rows of s23c in the same minutes. The control is s23c (same start and mix).
+  s24) DP=1; RANKS=${RANKS:-4}; PROCS=${PROCS:-1}; TF_EVAL=("${LINEAGE_TF[@]}")
+       B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline --compile --batch-size 64 --eval-n-for squad=768)
+       RUNS=("s24L --init /root/ckpt/s22qn --data-seed 57 ${B[*]} --tasks $FQ,needle_para/1-4+d1:1.4,$REST,$R:3.6,$RS:1.2,$Q:4.8") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

@@ -126,3 +126,19 @@ def test_plan_s23_continues_s22qn_with_its_mix_as_the_control_and_adds_wiki_qa(t
     assert mix(runs["s23e"]) == {**s22qn, "squad/1-2+d1*5": 2.4, wq: 4.8}
     seeds = [line.split("--data-seed ")[1].split()[0] for line in runs.values()]
     assert len(set(seeds)) == 4 and not set(seeds) & {"49", "50", "51", "52"}  # no batch of s22 repeated
+
+
+def test_plan_s24_is_one_compiled_batch_64_job_over_every_gpu_with_s23cs_start_and_mix(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s24", gpus=4, mem_mib=143_771)
+    assert list(runs) == ["s24L"]
+    line = runs["s24L"]
+    assert line.startswith("GPUS=0,1,2,3 SHARE=none ") and "--nproc-per-node 4" in line  # one process a GPU, all of its memory
+    assert "--compile" in line and "--batch-size 64" in line and "--eval-n-for squad=768" in line
+
+    def mix(line: str) -> dict[str, float]:
+        tasks = line.split("--tasks ")[-1].split()[0]
+        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
+
+    s23c = launch(tmp_path / "s23", "s23", gpus=4, mem_mib=143_771)["s23c"]
+    assert mix(line) == mix(s23c) and "--init /root/ckpt/s22qn " in line
+    assert launch(tmp_path / "h100", "s24", gpus=4, mem_mib=81_559)["s24L"].startswith("GPUS=0,1,2,3 SHARE=none ")

@@ -199,3 +199,30 @@ def test_ranks_share_gpus_round_robin_over_gloo() -> None:
     assert process_group_backend(False, 2, 0) == "gloo"
     with pytest.raises(ValueError, match="--device cpu"):
         rank_gpu(0, 0)
+
+
+def _compiled_worker(rank: int, world: int, store: str, results: str) -> None:
+    _join(rank, world, store)
+    try:
+        base = make_tiny_base()
+        torch.manual_seed(7 + rank)
+        trainer = DistillationTrainer(base, tiny_hypernet(base), config(max_steps=3, prefetch=False), data_parallel=True,
+                                      compile="aot_eager")
+        trainer.train(max_steps=3)
+        torch.save({"step": trainer.step, "end": trainer.hypernet.state_dict()}, os.path.join(results, f"rank{rank}.pt"))
+        trainer.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_passes_train_data_parallel_with_equal_weights(tmp_path):
+    """The fast GPU setting (session 22: ``--compile --batch-size 64``, 100.6k tok/s a process on an H200) under
+    ``torchrun``: the ranks compile on their own and still step together."""
+    results = tmp_path / "results"
+    results.mkdir()
+    _spawn(_compiled_worker, 2, str(tmp_path / "store"), str(results))
+    r0, r1 = (torch.load(results / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert r0["step"] == r1["step"] == 3
+    for k in r0["end"]:
+        assert torch.equal(r0["end"][k], r1["end"][k]), k
