@@ -912,7 +912,7 @@ class SquadSwapTask(SquadTask):
 
 _WH_DEMONYM = re.compile(r"(?:an|ese|ish|ch|ic|i)$")
 _WH_MAX_WORDS = 24
-_WH_VERBS = [[w] for w in "is was are were has had have became becomes remains remained".split()]
+_WH_VERBS = frozenset("is was are were has had have became becomes remains remained".split())
 
 
 def wh_question(sentence: str, span: Span) -> tuple[str, str] | None:
@@ -934,7 +934,8 @@ def wh_question(sentence: str, span: Span) -> tuple[str, str] | None:
         return None  # "the Canadian province", "French explorers": an adjective, not a thing asked about
     head_cut = sentence.rfind(";", 0, span.start) + 1
     opens = not sentence[head_cut:span.start].strip()
-    if span.kind == "name" and opens and " " not in answer and sentence[span.end:].split(" ", 2)[1:2] not in _WH_VERBS:
+    after_words = sentence[span.end:].split(" ", 2)  # ["", "was", ...], or [",", "was", ...] after "Hakam, was"
+    if span.kind == "name" and opens and " " not in answer and (after_words[1:2] or [""])[0] not in _WH_VERBS:
         return None  # "Within ...", "Although ...", "Hydrologically, ...": a capitalised opener, not a name
     tail_m = re.search(r"[,;:](?!\d)|\s\(", sentence[span.end:])
     clause = sentence[head_cut:span.end + tail_m.start()] if tail_m else sentence[head_cut:]
@@ -975,13 +976,14 @@ class WikiQATask:
             raise ValueError(msg)
         docs = wiki_corpus(split, root)
         sizes = np.asarray([len(d) for d in docs], dtype=np.float64)
+        p = sizes / sizes.sum()  # every sentence equally likely to start a passage, as in TextTask
         rng = np.random.default_rng([seed, 4127, 0 if split == "train" else 1])
         self._items: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         seen: set[str] = set()
         for _ in range(n_passages * 20):
             if len(self._items) == n_passages:
                 break
-            sents = docs[int(rng.choice(len(docs), p=sizes / sizes.sum()))]
+            sents = docs[int(rng.choice(len(docs), p=p))]
             target = int(rng.integers(min_tokens, max_tokens + 1) * CHARS_PER_TOKEN)
             chosen = _window(sents, int(rng.integers(len(sents))), target)
             doc = " ".join(chosen)
