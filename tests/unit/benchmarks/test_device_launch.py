@@ -57,6 +57,12 @@ def launch(tmp_path: Path, plan: str, gpus: int, mem_mib: int, **env: str) -> di
     return started
 
 
+def mix(line: str) -> dict[str, float]:
+    """A started run's task mix, task -> weight (the last --tasks wins, as in train_d2l's argparse)."""
+    tasks = line.split("--tasks ")[-1].split()[0]
+    return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
+
+
 def test_four_h200s_run_all_four_jobs_two_ranks_on_each_gpu_pair(tmp_path: Path) -> None:
     runs = launch(tmp_path, "s21", gpus=4, mem_mib=143_771)
     assert sorted(runs) == ["s21c", "s21f", "s21fq", "s21q"]
@@ -90,10 +96,6 @@ def test_plan_s22_continues_s21fq_and_keeps_s21fqs_recipe_in_its_control(tmp_pat
     assert sorted(runs) == ["s22c", "s22n", "s22q", "s22qn"]
     assert all("--init /root/ckpt/s21fq " in line and "--anneal-to-deadline" in line for line in runs.values())
 
-    def mix(line: str) -> dict[str, float]:
-        tasks = line.split("--tasks ")[-1].split()[0]  # the last --tasks wins (train_d2l's argparse)
-        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
-
     s21fq = mix(launch(tmp_path / "s21", "s21", gpus=4, mem_mib=143_771)["s21fq"])
     assert mix(runs["s22c"]) == s21fq
     assert mix(runs["s22q"]) == {**s21fq, "squad/1-2+d1*5": 4.8}
@@ -114,10 +116,6 @@ def test_plan_s23_continues_s22qn_with_its_mix_as_the_control_and_adds_wiki_qa(t
     assert sorted(runs) == ["s23a", "s23b", "s23c", "s23e"]
     assert all("--init /root/ckpt/s22qn " in line and "--anneal-to-deadline" in line for line in runs.values())
 
-    def mix(line: str) -> dict[str, float]:
-        tasks = line.split("--tasks ")[-1].split()[0]
-        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
-
     s22qn = mix(launch(tmp_path / "s22", "s22", gpus=4, mem_mib=143_771)["s22qn"])
     wq = "wiki_qa/1-2+d1*3"
     assert mix(runs["s23c"]) == s22qn
@@ -134,10 +132,6 @@ def test_plan_s24_is_one_compiled_batch_64_job_over_every_gpu_with_s23cs_start_a
     line = runs["s24L"]
     assert line.startswith("GPUS=0,1,2,3 SHARE=none ") and "--nproc-per-node 4" in line  # one process a GPU, all of its memory
     assert "--compile" in line and "--batch-size 64" in line and "--eval-n-for squad=768" in line
-
-    def mix(line: str) -> dict[str, float]:
-        tasks = line.split("--tasks ")[-1].split()[0]
-        return {t.rsplit(":", 1)[0]: float(t.rsplit(":", 1)[1]) for t in tasks.split(",")}
 
     s23c = launch(tmp_path / "s23", "s23", gpus=4, mem_mib=143_771)["s23c"]
     assert mix(line) == mix(s23c) and "--init /root/ckpt/s22qn " in line
