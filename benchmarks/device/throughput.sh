@@ -14,7 +14,10 @@ run_mode() {  # mode batch gpu
   local m=$1 batch=$2 gpu=$3 mode=$1-b$2-p${NPROC:-1} sec=$SEC skip=$SKIP
   local flag=(--batch-size "$batch")
   [ "$m" = no-prefetch ] && flag+=(--no-prefetch)
-  [ "$m" = compile ] && { flag+=(--compile); sec=${SEC_COMPILE:-$SEC}; skip=${SKIP_COMPILE:-$SKIP}; }
+  # compiled: 300 s unless SEC_COMPILE says otherwise. Until a steady step is timed the trainer gives the next step the
+  # first (compiling) step's time, which took 90 s at batch 64 on a cold H100 (session 23): a 140-s window stopped
+  # after that one step
+  [ "$m" = compile ] && { flag+=(--compile); sec=${SEC_COMPILE:-300}; skip=${SKIP_COMPILE:-$SKIP}; }
   rm -rf /root/tp/$mode; mkdir -p /root/tp/$mode
   CUDA_VISIBLE_DEVICES=$gpu $LAUNCH -m benchmarks.train_d2l --base /root/stage --gguf smol.gguf --tasks "$MIX" --skip-wrong-teacher \
       --init d2l_integrations/checkpoints/smollm2-135m-instruct --data-seed 12 --minutes "$(python3 -c "print($sec/60)")" \

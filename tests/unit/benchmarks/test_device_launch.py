@@ -29,7 +29,7 @@ echo "GPUS=$CUDA_VISIBLE_DEVICES SHARE=${D2L_CUDA_MEMORY_FRACTION:-none} torchru
     # the GGUF conversion before the runs is a silent no-op here, as it is on a machine that converted it already
     # (session 21: grep then found no line and stopped the launch); `python3 -c` arithmetic runs for real
     "python3": f"""#!/usr/bin/env bash
-if [[ "$*" == *load_base_model* ]]; then :; elif [ "$1" = -c ]; then exec {sys.executable} "$@"; else echo "python3 $*"; fi
+if [[ "$*" == *load_base_model* ]]; then :; elif [ "$1" = -c ]; then exec {sys.executable} "$@"; else echo "GPUS=$CUDA_VISIBLE_DEVICES python3 $*"; fi
 """,
 }
 
@@ -136,3 +136,17 @@ def test_plan_s24_is_one_compiled_batch_64_job_over_every_gpu_with_s23cs_start_a
     s23c = launch(tmp_path / "s23", "s23", gpus=4, mem_mib=143_771)["s23c"]
     assert mix(line) == mix(s23c) and "--init /root/ckpt/s22qn " in line
     assert launch(tmp_path / "h100", "s24", gpus=4, mem_mib=81_559)["s24L"].startswith("GPUS=0,1,2,3 SHARE=none ")
+
+
+def test_plan_s25_runs_the_natural_text_specialist_and_s24ls_mix_side_by_side_from_s22qn(tmp_path: Path) -> None:
+    runs = launch(tmp_path, "s25", gpus=2, mem_mib=81_559)
+    assert runs["s25s"].startswith("GPUS=0 python3 ") and runs["s25c"].startswith("GPUS=1 python3 ")  # one process a GPU
+    for line in runs.values():
+        assert "--init /root/ckpt/s22qn " in line and "--compile" in line and "--batch-size 64" in line
+        assert "--eval-n-for squad=768" in line and "--anneal-to-deadline" in line
+
+    s24l = mix(launch(tmp_path / "s24", "s24", gpus=2, mem_mib=81_559)["s24L"])
+    assert mix(runs["s25c"]) == s24l
+    natural = {t: w for t, w in s24l.items() if not t.startswith(("facts", "needle"))}
+    assert mix(runs["s25s"]) == natural and len(natural) == 5
+    assert list(launch(tmp_path / "one", "s25", gpus=1, mem_mib=81_559)) == ["s25s"]  # one GPU: the specialist alone
