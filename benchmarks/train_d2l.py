@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
                         "eager step is bound by ~17k operator launches. A runtime choice: a run resumes with or without it")
     p.add_argument("--f1-tasks", default="squad,squad_swap,facts_bio,facts_bio_fresh,cloze")
     p.add_argument("--export", action="store_true")
-    p.add_argument("--skip-wrong-teacher", action="store_true",
-                   help="drop examples whose teacher answer misses every gold answer (SQuAD: about two thirds)")
+    p.add_argument("--skip-wrong-teacher", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop examples whose teacher answer misses every gold answer (SQuAD training rows: 65 %%); "
+                        "the last of --skip-wrong-teacher / --no-skip-wrong-teacher wins (a plan's run may undo the common one)")
     p.add_argument("--teacher-answers", default=None,
                    help="teacher_answers.json(.gz) of an earlier run to seed --work with (skips regenerating them)")
     p.add_argument("--targets", default=None,
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                 **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
                 **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
                 "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),
-                **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}),
+                **({"bias_dropout": args.bias_dropout} if args.bias_dropout else {}), "skip_wrong_teacher": args.skip_wrong_teacher,
                 **({"annealed_to_step": trainer.horizon} if args.anneal_to_deadline else {}),
                 **({"names": args.names} if args.names != "classic" else {}), "batch_size": args.batch_size * trainer.world_size,
                 **({"processes": trainer.world_size} if trainer.world_size > 1 else {}),

@@ -138,15 +138,24 @@ def test_plan_s24_is_one_compiled_batch_64_job_over_every_gpu_with_s23cs_start_a
     assert launch(tmp_path / "h100", "s24", gpus=4, mem_mib=81_559)["s24L"].startswith("GPUS=0,1,2,3 SHARE=none ")
 
 
-def test_plan_s25_runs_the_natural_text_specialist_and_s24ls_mix_side_by_side_from_s22qn(tmp_path: Path) -> None:
+def test_plan_s25_keeps_the_wrong_teacher_rows_beside_s24ls_mix_and_the_specialist_comes_third(tmp_path: Path) -> None:
     runs = launch(tmp_path, "s25", gpus=2, mem_mib=81_559)
-    assert runs["s25s"].startswith("GPUS=0 python3 ") and runs["s25c"].startswith("GPUS=1 python3 ")  # one process a GPU
+    assert sorted(runs) == ["s25c", "s25w"]
+    assert runs["s25w"].startswith("GPUS=0 python3 ") and runs["s25c"].startswith("GPUS=1 python3 ")  # one process a GPU
     for line in runs.values():
         assert "--init /root/ckpt/s22qn " in line and "--compile" in line and "--batch-size 64" in line
         assert "--eval-n-for squad=768" in line and "--anneal-to-deadline" in line
+    # the common --skip-wrong-teacher comes first; s25w's --no-skip-wrong-teacher after it wins (argparse: the last)
+    w = runs["s25w"]
+    assert w.index("--skip-wrong-teacher") < w.index("--no-skip-wrong-teacher")
+    assert "--no-skip-wrong-teacher" not in runs["s25c"]
 
     s24l = mix(launch(tmp_path / "s24", "s24", gpus=2, mem_mib=81_559)["s24L"])
-    assert mix(runs["s25c"]) == s24l
+    assert mix(runs["s25c"]) == mix(runs["s25w"]) == s24l
+    assert list(launch(tmp_path / "one", "s25", gpus=1, mem_mib=81_559)) == ["s25w"]  # one GPU: s25w alone
+
+    three = launch(tmp_path / "three", "s25", gpus=4, mem_mib=81_559)
     natural = {t: w for t, w in s24l.items() if not t.startswith(("facts", "needle"))}
-    assert mix(runs["s25s"]) == natural and len(natural) == 5
-    assert list(launch(tmp_path / "one", "s25", gpus=1, mem_mib=81_559)) == ["s25s"]  # one GPU: the specialist alone
+    assert sorted(three) == ["s25c", "s25s", "s25w"] and mix(three["s25s"]) == natural and len(natural) == 5
+    seeds = [line.split("--data-seed ")[1].split()[0] for line in three.values()]
+    assert len(set(seeds)) == 3 and "57" not in seeds  # not s24L's batches

@@ -886,9 +886,11 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
     save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")  # rank 2
     main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
           "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
-          "--grow-rank", "3", "--grow-latents", "2", "--export", "--eval-every", "1", "--ce-weight", "0.5"])
+          "--grow-rank", "3", "--grow-latents", "2", "--export", "--eval-every", "1", "--ce-weight", "0.5",
+          "--skip-wrong-teacher", "--no-skip-wrong-teacher"])  # a plan's run undoing the common flag: the last wins
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["metadata"]["data_summary"]["ce_weight"] == 0.5
+    assert config["metadata"]["data_summary"]["skip_wrong_teacher"] is False
     printed = capsys.readouterr().out.splitlines()
     exports = [i for i, line in enumerate(printed) if line.startswith("exported ")]
     trained = next(i for i, line in enumerate(printed) if '"trained_to_step"' in line)
