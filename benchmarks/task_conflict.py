@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.recon_probe import _grad_vector
 from d2l_integrations.engine.checkpoint import load_checkpoint
 from d2l_integrations.engine.training import DistillationTrainer, TrainingConfig, _parse_tasks, add_base_model_arguments
 
@@ -70,10 +71,6 @@ def task_base(name: str) -> str:
     return m.group(0) if m else name
 
 
-def _flat_grad(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu() for p in params])
-
-
 def group_gradients(trainer: DistillationTrainer, step: int, groups: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Step ``step``'s batch of the trainer's mix: each group's gradient of its rows' mean training loss (one forward,
     one backward a group), and its row count. Rows of tasks in no group are left out."""
@@ -97,7 +94,7 @@ def group_gradients(trainer: DistillationTrainer, step: int, groups: Mapping[str
     for k, g in enumerate(names):
         trainer.hypernet.zero_grad(set_to_none=True)
         per_row[rows[g]].mean().backward(retain_graph=k < len(names) - 1)
-        grads[g] = _flat_grad(params)
+        grads[g] = _grad_vector(params).detach().float().cpu()  # kept on the CPU: one vector a group and batch
     trainer.hypernet.zero_grad(set_to_none=True)
     return grads, {g: len(r) for g, r in rows.items()}
 
