@@ -192,14 +192,15 @@ case $PLAN in
   # the SQuAD rows drawn, so SQuAD is 12.6 % of the loss's rows, not 28.5 %); s25s, the natural-text specialist, drops the
   # made-up facts and needles (11 % of the rows). s25c, the control, is s24L's mix. All from s22qn, one compiled
   # batch-64 process a GPU, side by side (2 GPUs: s25w and s25c; 1 GPU: s25w alone, against s24L). Named before the
-  # run in the training log.
+  # run in the training log. Session 24: a fourth GPU runs s25ws, the specialist with the wrong-teacher rows kept.
   s25) TF_EVAL=("${LINEAGE_TF[@]}")
        B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline --compile --batch-size 64 --eval-n-for squad=768)
        LMIX="$FQ,needle_para/1-4+d1:1.4,$REST,$R:3.6,$RS:1.2,$Q:4.8"
        NAT="text_swap/1-2+d1*8:0.6,squad_swap/1-2+d1*5:1.2,$R:3.6,$RS:1.2,$Q:4.8"
        RUNS=("s25w --init /root/ckpt/s22qn --data-seed 60 ${B[*]} --no-skip-wrong-teacher --tasks $LMIX"
              "s25c --init /root/ckpt/s22qn --data-seed 58 ${B[*]} --tasks $LMIX"
-             "s25s --init /root/ckpt/s22qn --data-seed 59 ${B[*]} --tasks $NAT") ;;
+             "s25s --init /root/ckpt/s22qn --data-seed 59 ${B[*]} --tasks $NAT"
+             "s25ws --init /root/ckpt/s22qn --data-seed 61 ${B[*]} --no-skip-wrong-teacher --tasks $NAT") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

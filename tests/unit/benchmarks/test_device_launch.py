@@ -154,8 +154,12 @@ def test_plan_s25_keeps_the_wrong_teacher_rows_beside_s24ls_mix_and_the_speciali
     assert mix(runs["s25c"]) == mix(runs["s25w"]) == s24l
     assert list(launch(tmp_path / "one", "s25", gpus=1, mem_mib=81_559)) == ["s25w"]  # one GPU: s25w alone
 
-    three = launch(tmp_path / "three", "s25", gpus=4, mem_mib=81_559)
+    three = launch(tmp_path / "three", "s25", gpus=3, mem_mib=81_559)
     natural = {t: w for t, w in s24l.items() if not t.startswith(("facts", "needle"))}
     assert sorted(three) == ["s25c", "s25s", "s25w"] and mix(three["s25s"]) == natural and len(natural) == 5
-    seeds = [line.split("--data-seed ")[1].split()[0] for line in three.values()]
-    assert len(set(seeds)) == 3 and "57" not in seeds  # not s24L's batches
+    four = launch(tmp_path / "four", "s25", gpus=4, mem_mib=81_559)
+    assert sorted(four) == ["s25c", "s25s", "s25w", "s25ws"] and mix(four["s25ws"]) == natural
+    assert four["s25ws"].index("--skip-wrong-teacher") < four["s25ws"].index("--no-skip-wrong-teacher")
+    assert "--no-skip-wrong-teacher" not in four["s25s"]
+    seeds = [line.split("--data-seed ")[1].split()[0] for line in four.values()]
+    assert len(set(seeds)) == 4 and "57" not in seeds  # not s24L's batches
