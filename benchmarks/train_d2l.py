@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="fine-tune --init with this larger LoRA rank (hypernetwork.grow_rank: the same adapters to start with)")
     p.add_argument("--grow-latents", type=int, default=0,
                    help="fine-tune --init with this many times the encoder latents (hypernetwork.grow_latents: nearly the same adapters)")
+    p.add_argument("--layer-mix", action="store_true",
+                   help="fine-tune --init with each layer's Perceiver reading a learned mix of every layer's features "
+                        "(HypernetworkConfig.layer_mix, hypernetwork.add_layer_mix: the same adapters at step 0); "
+                        "a checkpoint that has the mix keeps it without the flag")
     p.add_argument("--new-head", choices=("ab", "b"), default=None,
                    help="train a new head of this type on --init's encoder (hypernetwork.replace_head; with --grow-rank R, at rank R): "
                         "'b' = learned per-layer A, B rows from per-layer + per-rank maps (HypernetworkConfig.head_type); "
@@ -265,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         from d2l_integrations.engine.hypernetwork import grow_latents
 
         hyper = grow_latents(hyper, args.grow_latents).train()  # each latent repeated (+2 % noise): nearly the same adapters
+    if args.layer_mix:
+        from d2l_integrations.engine.hypernetwork import add_layer_mix
+
+        hyper = add_layer_mix(hyper).float().to(base.device).train()  # the mix starts at zero: the same adapters
     for prm in hyper.parameters():
         prm.requires_grad_(True)
     cache = Path(args.work) / "teacher_answers.json"
@@ -284,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         return {"init": args.init, **({"grown_to_rank": args.grow_rank} if args.grow_rank else {}),
                 **({"new_head": args.new_head} if args.new_head else {}),
                 **({"latents_grown_by": args.grow_latents} if args.grow_latents else {}),
+                **({"layer_mix": True} if hyper.config.layer_mix else {}),
                 **({"train_pool": args.train_pool} if args.train_pool else {}), "tasks": [list(t) for t in tasks], "steps": trainer.step,
                 **lineage_summary(history, cfg, trainer.step), "tokens_seen": trainer.tokens_seen,
                 "train_seconds": round(trainer.elapsed_s, 1), "lr": args.lr, **({"ce_weight": args.ce_weight} if args.ce_weight != 1.0 else {}),

@@ -201,6 +201,19 @@ case $PLAN in
              "s25c --init /root/ckpt/s22qn --data-seed 58 ${B[*]} --tasks $LMIX"
              "s25s --init /root/ckpt/s22qn --data-seed 59 ${B[*]} --tasks $NAT"
              "s25ws --init /root/ckpt/s22qn --data-seed 61 ${B[*]} --no-skip-wrong-teacher --tasks $NAT") ;;
+  # session 24: keeping the wrong-teacher rows (s25w) and dropping the made-up tasks (s25s) left held-out SQuAD where it
+  # was, so every data lever is ruled out. The encoder's features next: each layer's Perceiver reads a learned mix of
+  # every layer's features (--layer-mix, HypernetworkConfig.layer_mix; zero at the start, so s22qn's adapters). s26m
+  # is s25c with the mix: the same start, mix, data seed 58 (the same batches) and, with STEPS=1721, the same step
+  # cap. One GPU (name nvidia-h100-x1): s26m alone, against s25c (H200), and its steady tok/s is the H100 figure
+  # (compiled batch 64, one process; the mix adds well under 1 % of a step's FLOPs). A second GPU reruns s25c here
+  # (s26c, the control on the same cards); a third trains the mix on another seed (s26m2). Named in the training log.
+  s26) TF_EVAL=("${LINEAGE_TF[@]}")
+       B=(--ce-weight 0.3 --bias-dropout 0.5 --anneal-to-deadline --compile --batch-size 64 --eval-n-for squad=768)
+       LMIX="$FQ,needle_para/1-4+d1:1.4,$REST,$R:3.6,$RS:1.2,$Q:4.8"
+       RUNS=("s26m --init /root/ckpt/s22qn --data-seed 58 ${B[*]} --layer-mix --tasks $LMIX"
+             "s26c --init /root/ckpt/s22qn --data-seed 58 ${B[*]} --tasks $LMIX"
+             "s26m2 --init /root/ckpt/s22qn --data-seed 63 ${B[*]} --layer-mix --tasks $LMIX") ;;
   *) echo "unknown PLAN $PLAN" >&2; exit 2 ;;
 esac
 # PER_GPU=2 puts two runs on each GPU (run i on GPU i % NGPU): the step is launch-bound (GPU ~34 % busy), so a 2-GPU

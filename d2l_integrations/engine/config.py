@@ -92,6 +92,13 @@ class HypernetworkConfig:
             worse (training KL 0.77) than a free LoRA (0.03), while B-only LoRAs from equally many
             numbers through *random* per-rank maps fit nearly as well as free LoRAs
             (``benchmarks/latent_refine.py``, variants ``head`` and ``rand_b``; ``training_log.md``).
+        layer_mix: each layer's Perceiver reads a learned mix of *every* layer's features instead of
+            its own layer's alone (``Hypernetwork.mix_layers``: an ``[L, L]`` matrix ``layer_mix_delta`` mixes
+            per-token RMS-normalised features, brought to the reading layer's scale and added to its own).
+            At zero it is exactly the published design, so a trained checkpoint can be continued with
+            it (``hypernetwork.add_layer_mix``). The published design feeds layer 0's adapter from the
+            token embeddings alone; a mix lets early layers' adapters read later, contextual features.
+            Off by default (the published design, and SakanaAI's checkpoints).
     """
 
     num_layers: int
@@ -118,6 +125,7 @@ class HypernetworkConfig:
     base_model_revision: str | None = None
     scaler_b_init: float = 1.0
     head_type: str = "ab"
+    layer_mix: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "rank", "latent_size", "num_latents", "num_blocks", "num_heads", "num_kv_heads", "head_dim", "num_pre_head_layers"):

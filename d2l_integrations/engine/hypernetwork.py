@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 ModuleFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module name -> (A ``[n, L, r, d_in]``, B ``[n, L, r, d_out]``), per chunk, before composition."""
 
+LAYER_MIX_GAIN = 5.0
+"""``config.layer_mix``: the mix is ``I + LAYER_MIX_GAIN * layer_mix_delta``. Adam moves a parameter by about the
+learning rate a step whatever its gradient's size, so at the trainer's 3e-4 an ungained mix could move an entry by
+only ~0.2 in a ~1,500-step run; the gain lets one reach ~1 (a layer reading another as much as itself)."""
+
 _ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -331,6 +336,8 @@ class Hypernetwork(nn.Module):
         self.module_dims = {m: (d_in, d_out) for m, d_in, d_out in config.module_dims}
         self.d_lora = max(d_in + d_out for d_in, d_out in self.module_dims.values())
 
+        if config.layer_mix:  # zero: each layer reads its own features, exactly the published design
+            self.layer_mix_delta = nn.Parameter(torch.zeros(L, L))
         self.perceiver = Perceiver(config)
         self.layers = nn.Sequential(*(ResMLPBlockPerLayer(config) for _ in range(config.num_pre_head_layers)))
         M = len(self.module_dims)
@@ -375,12 +382,24 @@ class Hypernetwork(nn.Module):
             )
             raise IncompatibleCheckpointError(msg)
         device, dtype = self.head.weight.device, self.head.weight.dtype
+        if self.config.layer_mix:
+            features = self.mix_layers(features.to(device))
         # layer-major batch (index = layer * n + chunk), as the reference; every slice is independent
         flat = features.to(device=device, dtype=dtype).transpose(0, 1).reshape(L * n, T, H)
         mask = attention_mask.to(device=device, dtype=torch.bool).repeat(L, 1)  # (L*n, T)
         latents = self.perceiver(flat, mask)  # (L*n, M*r, D)
         M, r = len(self.module_dims), self.config.rank
         return latents.reshape(L, n, M, r, -1).transpose(0, 1)  # (n, L, M, r, D)
+
+    def mix_layers(self, features: torch.Tensor) -> torch.Tensor:
+        """``config.layer_mix``: layer ``l``'s features become ``h_l + rms_l * sum_k G * delta[l, k] * h_k / rms_k``
+        (per token, ``G = LAYER_MIX_GAIN``): every layer's features on one scale, mixed, and brought to the reading
+        layer's own scale, on top of its own features, so that ``delta = 0`` gives back ``features`` exactly.
+        Computed in ``features``' dtype (bf16 on a GPU: the trainer's batches hold ~10^9 feature values)."""
+        norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True, dtype=torch.float32)  # no float32 copy of features
+        rms = (norm.pow(2) / features.shape[-1] + self.config.rms_norm_eps).sqrt().to(features.dtype)  # (n, L, T, 1)
+        weight = (LAYER_MIX_GAIN * self.layer_mix_delta).to(features.dtype)
+        return features + torch.einsum("lk,nkth->nlth", weight, features / rms) * rms
 
     def project(self, lora_embeddings: torch.Tensor) -> torch.Tensor:
         """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``.
@@ -529,6 +548,20 @@ def grow_rank(net: Hypernetwork, rank: int, *, seed: int = 0) -> Hypernetwork:
         state[key] = value
     grown.load_state_dict(state)
     return grown
+
+
+def add_layer_mix(net: Hypernetwork) -> Hypernetwork:
+    """A copy of ``net`` with ``config.layer_mix`` on and its mix at zero: exactly the same adapters, and an ``[L, L]`` matrix that training can open, so each layer's adapter can read
+    every layer's features (``HypernetworkConfig.layer_mix``). ``net`` itself is returned if it has one."""
+    if net.config.layer_mix:
+        return net
+    ref = net.head.weight
+    mixed = Hypernetwork(dataclasses.replace(net.config, layer_mix=True)).to(device=ref.device, dtype=ref.dtype)
+    result = mixed.load_state_dict(net.state_dict(), strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != {"layer_mix_delta"}:
+        msg = f"add_layer_mix could not copy the network: missing {result.missing_keys}, unexpected {result.unexpected_keys}."
+        raise RuntimeError(msg)
+    return mixed
 
 
 def grow_latents(net: Hypernetwork, factor: int = 2, *, noise: float = 0.02, seed: int = 0) -> Hypernetwork:

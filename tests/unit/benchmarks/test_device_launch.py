@@ -163,3 +163,17 @@ def test_plan_s25_keeps_the_wrong_teacher_rows_beside_s24ls_mix_and_the_speciali
     assert "--no-skip-wrong-teacher" not in four["s25s"]
     seeds = [line.split("--data-seed ")[1].split()[0] for line in four.values()]
     assert len(set(seeds)) == 4 and "57" not in seeds  # not s24L's batches
+
+
+def test_plan_s26_adds_the_layer_mix_to_s25cs_batches_and_the_control_reruns_them(tmp_path: Path) -> None:
+    one = launch(tmp_path / "one", "s26", gpus=1, mem_mib=81_559)
+    assert list(one) == ["s26m"] and one["s26m"].startswith("GPUS=0 python3 ")  # an H100 alone: the mix, one process
+    runs = launch(tmp_path, "s26", gpus=4, mem_mib=81_559)
+    assert sorted(runs) == ["s26c", "s26m", "s26m2"]
+    s25c = launch(tmp_path / "s25", "s25", gpus=2, mem_mib=81_559)["s25c"]
+    seed = lambda line: line.split("--data-seed ")[1].split()[0]  # noqa: E731
+    for name, line in runs.items():
+        assert mix(line) == mix(s25c) and "--init /root/ckpt/s22qn " in line and "--compile" in line
+        assert ("--layer-mix" in line) == name.startswith("s26m") and "--no-skip-wrong-teacher" not in line
+    assert seed(runs["s26m"]) == seed(runs["s26c"]) == seed(s25c) == "58"  # the same batches as s25c
+    assert seed(runs["s26m2"]) not in {"57", "58", "59", "60", "61"}  # not a batch of s24L or s25

@@ -18,6 +18,7 @@ from d2l_integrations.engine.hypernetwork import (
     CrossAttention,
     Hypernetwork,
     HypernetworkInternalizer,
+    add_layer_mix,
     default_module_path,
     encode_context,
     features_from_hidden_states,
@@ -373,6 +374,50 @@ def test_grow_latents_keeps_every_adapter_exactly_without_noise_and_nearly_with_
 
     with pytest.raises(ValueError, match="factor >= 1"):
         grow_latents(net, 0)
+
+
+def test_add_layer_mix_keeps_every_adapter_and_lets_early_layers_read_late_features():
+    net = randomized(Hypernetwork(tiny_config()))
+    features, mask = 3.0 * torch.randn(3, LAYERS, 5, HIDDEN), torch.ones(3, 5)
+    features[:, -1] *= 10  # layers on very different scales, as a real residual stream
+    mask[1, 3:] = 0
+    before = net(features, mask)
+
+    mixed = add_layer_mix(net)
+    assert mixed.config.layer_mix and not net.config.layer_mix and add_layer_mix(mixed) is mixed
+    assert torch.equal(mixed.layer_mix_delta, torch.zeros(LAYERS, LAYERS))
+    for m, (A, B) in mixed(features, mask).items():  # at zero: exactly the published design
+        assert torch.equal(A, before[m][0]) and torch.equal(B, before[m][1])
+    for m, (A, B) in mixed.to(torch.bfloat16)(features.bfloat16(), mask).items():  # in bf16 too (a GPU's features)
+        ref = net.to(torch.bfloat16)(features.bfloat16(), mask)[m]
+        assert torch.equal(A, ref[0]) and torch.equal(B, ref[1])
+    mixed, net = mixed.float(), net.float()
+
+    late = features.clone()
+    late[:, -1] += torch.randn_like(late[:, -1])  # only the last layer's features change
+    first = lambda n, f: n(f, mask)["down_proj"][0][:, 0]  # noqa: E731  # layer 0's A
+    torch.testing.assert_close(first(mixed, late), first(mixed, features))  # closed: layer 0 reads its own features only
+    loss = sum(A.pow(2).sum() + B.pow(2).sum() for A, B in mixed.train()(features, mask).values())
+    loss.backward()
+    assert mixed.layer_mix_delta.grad is not None and mixed.layer_mix_delta.grad[0, -1].abs() > 0  # the mix learns
+    with torch.no_grad():
+        mixed.layer_mix_delta[0, -1] = 0.1
+    assert not torch.allclose(first(mixed, late), first(mixed, features))  # open: layer 0 now reads the last layer
+
+    padded = features.clone()
+    padded[1, :, 3:] = 0.0  # zero padding stays finite through the RMS
+    assert all(torch.isfinite(A).all() for A, _ in mixed(padded, mask).values())
+
+
+def test_a_layer_mix_checkpoint_round_trips(tmp_path):
+    from d2l_integrations.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    net = add_layer_mix(randomized(Hypernetwork(tiny_config())))
+    with torch.no_grad():
+        net.layer_mix_delta.normal_()
+    save_checkpoint(net, tmp_path / "mixed")
+    back = load_checkpoint(tmp_path / "mixed", None)
+    assert back.config.layer_mix and torch.equal(back.layer_mix_delta, net.layer_mix_delta)
 
 
 def test_b_head_a_is_the_same_for_every_document_and_b_rows_leave_one_subspace():

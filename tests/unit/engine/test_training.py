@@ -875,7 +875,7 @@ def test_made_up_recall_counts_the_documents_invented_words_the_question_lacks(t
     assert "made_up_recall" not in greedy_eval(trainer, [dataclasses.replace(r, renames=()) for r in rows], max_new_tokens=4)
 
 
-def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, tmp_path, capsys):
+def test_train_d2l_grows_the_rank_latents_and_layer_mix_of_its_init_checkpoint(tiny_base, tmp_path, capsys):
     from benchmarks.train_d2l import main
     from d2l_integrations.engine.base_model import load_base_model
     from d2l_integrations.engine.checkpoint import save_checkpoint
@@ -886,7 +886,7 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
     save_checkpoint(tiny_hypernet(load_base_model(str(folder), device="cpu")), tmp_path / "ckpt")  # rank 2
     main(["--base", str(folder), "--device", "cpu", "--init", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
           "--out", str(tmp_path / "out"), "--tasks", "facts:1", "--batch-size", "2", "--minutes", "1", "--max-steps", "2",
-          "--grow-rank", "3", "--grow-latents", "2", "--export", "--eval-every", "1", "--ce-weight", "0.5",
+          "--grow-rank", "3", "--grow-latents", "2", "--layer-mix", "--export", "--eval-every", "1", "--ce-weight", "0.5",
           "--skip-wrong-teacher", "--no-skip-wrong-teacher"])  # a plan's run undoing the common flag: the last wins
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["metadata"]["data_summary"]["ce_weight"] == 0.5
@@ -904,6 +904,9 @@ def test_train_d2l_grows_the_rank_and_latents_of_its_init_checkpoint(tiny_base, 
     assert config["hypernetwork"]["num_latents"] == 2 * small and config["metadata"]["data_summary"]["latents_grown_by"] == 2
     state = torch.load(tmp_path / "work" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["hypernet"]["scaler_B.down_proj"].shape[2] == 3
+    # --layer-mix: the exported network has the mix, trained away from zero, and says so
+    assert config["hypernetwork"]["layer_mix"] is True and config["metadata"]["data_summary"]["layer_mix"] is True
+    assert state["hypernet"]["layer_mix_delta"].abs().sum() > 0
 
 
 def test_b_head_trains_and_reaches_every_parameter(tiny_base, tmp_path):
