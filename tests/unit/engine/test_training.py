@@ -124,14 +124,26 @@ def test_deadline_stops_training(tiny_base, tmp_path):
     assert time.time() - t0 < 10 and 0 < res["step"] < 10_000
 
 
-def test_anneal_to_deadline_ends_the_cosine_when_time_runs_out(tiny_base):
+def test_anneal_to_deadline_ends_the_cosine_when_time_runs_out(tiny_base, monkeypatch):
     import time
+    import types
 
+    import d2l_integrations.engine.training as training
+
+    # the trainer's wall clock, faked: 0.02 s a reading, whatever the machine's load (a real 9-s deadline stopped
+    # after one step when another job held the CPU)
+    now = [1000.0]
+
+    def tick() -> float:
+        now[0] += 0.02
+        return now[0]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=tick, perf_counter=time.perf_counter))
     lines: dict[bool, list[dict]] = {True: [], False: []}
     for anneal in (True, False):
         trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base),
                                       config(max_steps=10_000, warmup_steps=2, min_lr_ratio=0.1, anneal_to_deadline=anneal))
-        res = trainer.train(deadline=time.time() + 9, on_log=lines[anneal].append)  # ~4 s: it stops 5 s early
+        res = trainer.train(deadline=now[0] + 9, on_log=lines[anneal].append)
         assert 30 < res["step"] < 10_000
         assert (trainer.horizon < 10_000) is anneal
     annealed = [d for d in lines[True] if "lr" in d]
