@@ -399,7 +399,8 @@ class Hypernetwork(nn.Module):
         norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True, dtype=torch.float32)  # no float32 copy of features
         rms = (norm.pow(2) / features.shape[-1] + self.config.rms_norm_eps).sqrt().to(features.dtype)  # (n, L, T, 1)
         weight = (LAYER_MIX_GAIN * self.layer_mix_delta).to(features.dtype)
-        return features + torch.einsum("lk,nkth->nlth", weight, features / rms) * rms
+        mixed = torch.einsum("lk,nkth->nlth", weight, features / rms)  # in place from here: one copy fewer a step
+        return mixed.mul_(rms).add_(features)
 
     def project(self, lora_embeddings: torch.Tensor) -> torch.Tensor:
         """ResMLP, L2 normalisation and per-layer head: ``[n, L, M, r, D]`` -> ``[n, L, M, r, d_lora]``.
