@@ -245,6 +245,20 @@ def test_internalizer_results_do_not_depend_on_batching(net: Hypernetwork, base:
                 torch.testing.assert_close(other.delta_weight(name), one_batch[i].delta_weight(name), rtol=1e-5, atol=1e-6)
 
 
+def test_an_open_layer_mix_keeps_internalizing_independent_of_batching(net: Hypernetwork, base: BaseModel) -> None:
+    mixed = add_layer_mix(net)
+    with torch.no_grad():
+        mixed.layer_mix_delta.copy_(0.1 * torch.randn(LAYERS, LAYERS, generator=torch.Generator().manual_seed(1)))
+    chunks = ["A long chunk of text here.", "short", "medium sized"]
+    together = HypernetworkInternalizer(mixed, max_batch_size=8).internalize_chunks(base, chunks)
+    alone = HypernetworkInternalizer(mixed, max_batch_size=1).internalize_chunks(base, chunks)  # no padding
+    plain = HypernetworkInternalizer(net, max_batch_size=8).internalize_chunks(base, chunks)
+    for a, b, c in zip(together, alone, plain, strict=True):  # the mix is per token: padding cannot leak into it
+        for name in a.weights:
+            torch.testing.assert_close(a.delta_weight(name), b.delta_weight(name), rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(a.delta_weight(n), c.delta_weight(n)) for n in a.weights)  # and it is used
+
+
 def test_internalizer_batches_respect_the_bounds(net: Hypernetwork, base: BaseModel) -> None:
     calls: list[tuple[int, int]] = []
     HypernetworkInternalizer(net, max_batch_size=2).internalize_chunks(
