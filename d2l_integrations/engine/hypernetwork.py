@@ -48,10 +48,12 @@ logger = logging.getLogger(__name__)
 ModuleFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module name -> (A ``[n, L, r, d_in]``, B ``[n, L, r, d_out]``), per chunk, before composition."""
 
-LAYER_MIX_GAIN = 5.0
+LAYER_MIX_GAIN = 2.0
 """``config.layer_mix``: the mix is ``I + LAYER_MIX_GAIN * layer_mix_delta``. Adam moves a parameter by about the
-learning rate a step whatever its gradient's size, so at the trainer's 3e-4 an ungained mix could move an entry by
-only ~0.2 in a ~1,500-step run; the gain lets one reach ~1 (a layer reading another as much as itself)."""
+learning rate a step whatever its gradient's size: at the trainer's 3e-4 an ungained entry moves at most ~0.2 in a
+~1,500-step run, and a layer reads 30 others, so 2 lets a row reach a whole layer's worth of other layers. More
+would also amplify the mix's random walk: its gradient's direction changes from batch to batch (session 24's probe),
+and at 5 that walk alone was estimated at ~1/3 of a layer's own features."""
 
 _ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -552,8 +554,9 @@ def grow_rank(net: Hypernetwork, rank: int, *, seed: int = 0) -> Hypernetwork:
 
 
 def add_layer_mix(net: Hypernetwork) -> Hypernetwork:
-    """A copy of ``net`` with ``config.layer_mix`` on and its mix at zero: exactly the same adapters, and an ``[L, L]`` matrix that training can open, so each layer's adapter can read
-    every layer's features (``HypernetworkConfig.layer_mix``). ``net`` itself is returned if it has one."""
+    """A copy of ``net`` with ``config.layer_mix`` on and its mix at zero: exactly the same adapters, and an
+    ``[L, L]`` matrix that training can open, so each layer's adapter can read every layer's features
+    (``HypernetworkConfig.layer_mix``). ``net`` itself is returned if it has one."""
     if net.config.layer_mix:
         return net
     ref = net.head.weight
