@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.layer_mix:
         from d2l_integrations.engine.hypernetwork import add_layer_mix
 
-        hyper = add_layer_mix(hyper).float().to(base.device).train()  # the mix starts at zero: the same adapters
+        hyper = add_layer_mix(hyper).train()  # on hyper's device and dtype; the mix starts at zero: the same adapters
     for prm in hyper.parameters():
         prm.requires_grad_(True)
     cache = Path(args.work) / "teacher_answers.json"
