@@ -2,6 +2,8 @@
 
 Each run is a folder holding the two files (``training_runs/S17w/``, or ``<run>/out/`` as they come back from the
 device); a column is named by its folder, or ``NAME=PATH``. The first run is the reference the others are read against.
+A run whose JSON tables are missing (stopped, or packed before its evaluation ended) is read from the JSON lines
+``train_d2l`` printed to its ``stdout.txt`` (in the folder, or beside its ``out/``): rounded, and the tasks it reached.
 
     python -m benchmarks.device.summarize S10s2=benchmarks/results/training_runs/S16z /tmp/s18/*/out
 """
@@ -27,7 +29,10 @@ def _pair(x: dict, a: str, b: str, fmt: str) -> str:
 
 
 def _pm(x: dict, key: str) -> str:
-    return f"{x[key]:.3f} ± {x.get(key + '_se', 0.0):.3f}" if key in x else ""
+    """``value ± SE``; the value alone where the run kept no SE (a table rebuilt from a run's stdout)."""
+    if key not in x:
+        return ""
+    return f"{x[key]:.3f} ± {x[key + '_se']:.3f}" if key + "_se" in x else f"{x[key]:.3f}"
 
 
 def _runs(specs: list[str]) -> dict[str, Path]:
@@ -35,17 +40,41 @@ def _runs(specs: list[str]) -> dict[str, Path]:
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         folder = Path(path)
-        if not (folder / "eval.json").is_file() and not (folder / "eval_kl.json").is_file():
-            msg = f"{folder} holds neither eval.json nor eval_kl.json: give a run's output folder."
+        if not any((folder / f).is_file() for f in ("eval.json", "eval_kl.json")) and not any(_from_stdout(folder)):
+            msg = (f"{folder} holds neither eval.json nor eval_kl.json, nor a stdout.txt with evaluation lines: "
+                   "give a run's output folder.")
             raise SystemExit(msg)
         label = name or (folder.parent.name if folder.name == "out" else folder.name)
         runs[label] = folder
     return runs
 
 
+def _from_stdout(folder: Path) -> tuple[dict, dict]:
+    """``(eval.json, eval_kl.json)`` as far as a run's ``stdout.txt`` printed them (``train_d2l``'s JSON lines)."""
+    out = next((f for f in (folder / "stdout.txt", folder.parent / "stdout.txt") if f.is_file()), None)
+    greedy: dict = {}
+    kl: dict = {}
+    for line in out.read_text(errors="replace").splitlines() if out is not None else ():
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row.get("eval"), str):
+            greedy[row["eval"]] = {"n": row.get("n"), "accuracy": row.get("accuracy", {}),
+                                   **({"score": row["f1"]} if row.get("f1") else {})}
+        elif isinstance(row.get("eval_kl"), str):  # "specific_gain" -> "specific_gain_kl", "doc_gain_se" -> "doc_gain_kl_se"
+            kl[row["eval_kl"]] = {(f"{k[:-3]}_kl_se" if k.endswith("_se") else f"{k}_kl"): v
+                                  for k, v in row.items() if k not in ("eval_kl", "n", "s")}
+    return greedy, kl
+
+
 def _load(folder: Path, name: str) -> dict:
     f = folder / name
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if f.is_file():
+        return json.loads(f.read_text())
+    return _from_stdout(folder)[0 if name == "eval.json" else 1]
 
 
 def greedy_table(runs: dict[str, Path]) -> str:

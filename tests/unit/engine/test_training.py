@@ -969,7 +969,7 @@ def test_greedy_eval_answers_do_not_depend_on_its_batch_size(tiny_base):
         assert tables[0]["samples"][cond] == tables[1]["samples"][cond]
 
 
-def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path):
+def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path, capsys):
     """--eval-conditions leaves out the conditions that do not depend on the network (no_context, full_context)."""
     from benchmarks.train_d2l import main
     from d2l_integrations.engine.checkpoint import save_checkpoint
@@ -986,6 +986,10 @@ def test_train_d2l_evaluates_only_the_conditions_it_is_given(tiny_base, tmp_path
     assert set(table["accuracy"]) == {"d2l", "mismatched", "mismatched_leak"} and table["n"] == 4
     kl = json.loads((tmp_path / "out" / "eval_kl.json").read_text())["facts"]  # teacher-forced: every condition
     assert {"matched_kl", "mismatched_kl", "bias_only_kl", "none_kl", "doc_only_kl", "matched_key_acc"} <= set(kl)
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"eval_kl"')]
+    assert [p["eval_kl"] for p in printed] == ["facts"]  # the printed line carries the gains' SEs (a run cut off before
+    assert printed[0]["specific_gain_se"] == round(kl["specific_gain_kl_se"], 4)  # eval_kl.json is read from it)
+    assert printed[0]["doc_only_specific_gain_se"] == round(kl["doc_only_specific_gain_kl_se"], 4)
     with pytest.raises(SystemExit):
         main([*args, "--eval-conditions", "d2l,full"])
     main([*args, "--eval", "facts,needle_alone", "--eval-n-for", "needle_alone=6", "--eval-conditions", "d2l,mismatched"])
