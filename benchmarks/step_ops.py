@@ -104,12 +104,9 @@ def time_step_phases(trainer: DistillationTrainer) -> dict:
     phases: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"host_ms": 0.0, "kernel_ms": 0.0})
     events = prof.events()
     for event in events:
-        if event.name.startswith("phase:") and _label(event) == "other":  # a phase not nested in another
-            label = event.name.removeprefix("phase:")
-        elif event.name.startswith("autograd::engine") and _label(event) == "other":
-            label = "backward"
-        else:
-            continue
+        if not event.name.startswith(("phase:", "autograd::engine")) or _label(event) != "other":
+            continue  # only the outermost ranges: a phase or backward function nested in another is counted there
+        label = "backward" if event.name.startswith("autograd::engine") else event.name.removeprefix("phase:")
         phases[label]["host_ms"] += event.cpu_time_total / 1000
         phases[label]["kernel_ms"] += event.device_time_total / 1000
     kernel_ms = sum(k.duration for event in events for k in event.kernels) / 1000

@@ -124,7 +124,7 @@ def evaluate_kl(trainer: DistillationTrainer, tasks: list[str], *, n: int, task_
         print(json.dumps({"eval_kl": t, "n": n, **{c: res[f"{c}_kl"] for c in TF_CONDITIONS},
                           "doc_gain": res["doc_gain_kl"], "doc_gain_se": res["doc_gain_kl_se"],
                           "specific_gain": res["specific_gain_kl"], "doc_only_specific_gain": res["doc_only_specific_gain_kl"],
-                          **{f"{k}_se": res[f"{k}_kl_se"] for k in ("specific_gain", "doc_only_specific_gain") if f"{k}_kl_se" in res},
+                          "specific_gain_se": res["specific_gain_kl_se"], "doc_only_specific_gain_se": res["doc_only_specific_gain_kl_se"],
                           "s": round(time.time() - t0, 1)}), flush=True)
         return t, res
 

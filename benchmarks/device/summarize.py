@@ -11,6 +11,7 @@ A run whose JSON tables are missing (stopped, or packed before its evaluation en
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def _runs(specs: list[str]) -> dict[str, Path]:
     return runs
 
 
+@functools.cache  # one read per run: the check in _runs and both tables ask
 def _from_stdout(folder: Path) -> tuple[dict, dict]:
     """``(eval.json, eval_kl.json)`` as far as a run's ``stdout.txt`` printed them (``train_d2l``'s JSON lines)."""
     out = next((f for f in (folder / "stdout.txt", folder.parent / "stdout.txt") if f.is_file()), None)
