@@ -192,11 +192,10 @@ class CrossAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(group, dim=1)  # (B, nh, T, hd): head h uses kv head h // group
         v = v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, nh, Q, T)
-        if context_mask is not None:
-            scores = scores.masked_fill(~context_mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = (weights @ v).transpose(1, 2).reshape(B, Q, self.num_heads * self.head_dim)  # (B, Q, nh*hd)
+        # fused attention: the (B, nh, Q, T) scores are never stored (B = chunks x layers: ~2,000 rows at batch 64)
+        mask = context_mask[:, None, None, :] if context_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)  # (B, nh, Q, hd)
+        out = out.transpose(1, 2).reshape(B, Q, self.num_heads * self.head_dim)  # (B, Q, nh*hd)
         return self.o_proj(out)  # type: ignore[no-any-return]
 
 

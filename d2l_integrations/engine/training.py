@@ -361,6 +361,33 @@ class LoRASlots:
         self._handles = []
 
 
+class _PhaseClock:
+    """Seconds between a step's ``mark()``s: CUDA events on a GPU (no wait to record one; read once the step has
+    waited for its end), the host's clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans(self) -> tuple[float, float]:
+        """The first two spans (0 where fewer were marked)."""
+        if len(self.marks) < 3:
+            return 0.0, 0.0
+        a, b, c = self.marks[-3:]
+        if self.cuda:
+            c.synchronize()
+            return a.elapsed_time(b) / 1000, b.elapsed_time(c) / 1000
+        return b - a, c - b
+
+
 class CompiledLayers:
     """Regional compilation: each decoder layer's ``forward`` ``torch.compile``'d (the layers share the compiled code),
     in place only inside ``active()``, so other passes through the model (evaluation, generation) stay eager.
@@ -405,20 +432,29 @@ class CompiledLayers:
 
 def compose_rows(factors: Factors, groups: Sequence[Sequence[int]]) -> Factors:
     """Row ``i`` of the result = rows ``groups[i]`` of ``factors`` concatenated on the rank axis
-    (the sum of their deltas), zero-padded to the largest group's rank."""
-    out: Factors = {}
+    (the sum of their deltas), zero-padded to the largest group's rank.
+
+    One gather per tensor, its index copied to the device without waiting: indexing with a Python list per group
+    copied a small index from pageable memory each time, and each such copy waits for the GPU to finish its queue.
+    """
     width = max(map(len, groups))
-    for m, (a, b) in factors.items():
-        rows_a, rows_b = [], []
-        for g in groups:
-            ga, gb = a[list(g)], b[list(g)]  # [k, L, r, d]
-            k, L, r = ga.shape[0], ga.shape[1], ga.shape[2]
-            ga = ga.permute(1, 0, 2, 3).reshape(L, k * r, -1)
-            gb = gb.permute(1, 0, 2, 3).reshape(L, k * r, -1)
-            rows_a.append(F.pad(ga, (0, 0, 0, (width - k) * r)))
-            rows_b.append(F.pad(gb, (0, 0, 0, (width - k) * r)))
-        out[m] = (torch.stack(rows_a), torch.stack(rows_b))
-    return out
+    first = next(iter(factors.values()))[0]
+    pad = first.shape[0]  # the index of a zero row appended to each tensor
+    idx = to_device_async(torch.tensor([[*g, *[pad] * (width - len(g))] for g in groups], dtype=torch.long), first.device)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        g = torch.cat([t, t.new_zeros(1, *t.shape[1:])])[idx]  # [groups, width, L, r, d]
+        n, w, L, r, d = g.shape
+        return g.permute(0, 2, 1, 3, 4).reshape(n, L, w * r, d)
+
+    return {m: (gather(a), gather(b)) for m, (a, b) in factors.items()}
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device``, the host not waiting for the GPU's queue: a copy from pageable memory waits."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _roll(factors: Factors, shift: int = 1) -> Factors:
@@ -503,6 +539,7 @@ class Batch:
     chunk_ids: torch.Tensor | None = None  # [m, Tc] encoder prefixes of the distinct chunks (``_distinct_chunks`` order; None: none)
     chunk_len: torch.Tensor | None = None  # [m] their lengths
     chunk_feats: tuple[torch.Tensor, torch.Tensor] | None = None  # their features and mask, set by the teacher pass
+    max_doc_len: int | None = None  # ``doc_len.max()``, known on the host (reading it from the GPU waits for its queue)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """The same batch with ``fn`` applied to each of its tensors."""
@@ -631,7 +668,7 @@ class Tokenizer:
             chunk_ids, chunk_len = self.prefix_rows(list(where))
         return Batch(teacher.to(device), student.to(device), torch.tensor(doc_lens, device=device), t_pos.to(device),
                      s_pos.to(device), resp.to(device), rmask.to(device), kmask.to(device), list(examples),
-                     *((chunk_ids.to(device), chunk_len.to(device)) if where else ()))
+                     *((chunk_ids.to(device), chunk_len.to(device)) if where else (None, None)), max_doc_len=max(doc_lens))
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -780,7 +817,7 @@ class DistillationTrainer:
                 c_width = batch.chunk_ids.shape[1]
                 c_mask = torch.arange(c_width, device=self.device)[None, :] < batch.chunk_len[:, None]
                 batch.chunk_feats = (self._default_features([x[n:, :c_width] for x in hs]), c_mask)
-            t_doc = int(batch.doc_len.max())
+            t_doc = batch.max_doc_len if batch.max_doc_len is not None else int(batch.doc_len.max())
             t_doc = min(batch.teacher_ids.shape[1], math.ceil(t_doc / self.config.bucket) * self.config.bucket)
             mask = torch.arange(t_doc, device=self.device)[None, :] < batch.doc_len[:, None]
             sliced = [x[:n, :t_doc] for x in hs]
@@ -824,7 +861,7 @@ class DistillationTrainer:
         for i, e in enumerate(exs):  # a chunked example reads its chunks' rows (after the batch's), the others their own
             groups.append(list(range(len(rows), len(rows) + max(1, len(e.chunks)))))
             rows.extend([len(exs) + where[c] for c in e.chunks] if e.chunks else [i])
-        idx = torch.tensor(rows, device=self.device)
+        idx = to_device_async(torch.tensor(rows, dtype=torch.long), self.device)
         factors = self.generate_factors(torch.cat([feats, c_feats])[idx], torch.cat([mask, c_mask])[idx])
         return compose_rows(factors, groups)
 
@@ -994,17 +1031,21 @@ class DistillationTrainer:
             if len(kept) < 2:  # nothing to learn from (the mismatched eval needs 2 rows too); count and move on
                 self.step += 1
                 return {"loss": float("nan"), "skipped": float(rows - len(kept))}
+        t1 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, float] = {}
         tokens = 0
-        t1 = t2 = time.perf_counter()
+        terms: list[torch.Tensor] = []
+        recon_rows: list[int] = []
+        # The step waits for the GPU once, at its end (``_read``): each read of a GPU value mid-step (a length, a
+        # finite check, a timing sync) left the GPU idle while the host caught up. Phases are timed by CUDA events.
+        clock = _PhaseClock(self.device)
         if cpu_batch is not None:  # a data-parallel rank without rows still joins the all-reduce below, with zero gradients
             batch = cpu_batch.to(self.device)
-            t1 = time.perf_counter()
+            clock.mark()
             t_logits, feats, mask = self.teacher(batch)
             factors = self.document_factors(batch, feats, mask)
-            self._sync()
-            t2 = time.perf_counter()
+            clock.mark()
             s_logits = self.student(batch, factors, bias=not self._drops_bias(self.step))
             parts = self.losses(t_logits, s_logits, batch)
             loss = self.distill_loss(parts)
@@ -1013,16 +1054,12 @@ class DistillationTrainer:
                 cos = delta_cosine(factors, recon_rows, [self.target(batch.examples[i].target) for i in recon_rows])
                 recon = (1 - cos).mean()
                 loss = loss + c.recon_weight * recon
-            if not torch.isfinite(loss):
-                msg = f"Non-finite loss at step {self.step}: {loss.item()}. Lower lr or check the data; state not saved."
-                raise FloatingPointError(msg)
             loss.backward()
             tokens = int(batch.teacher_ids.numel() + batch.student_ids.numel())
-            rec = {"loss": loss.item(), "kl": parts["kl"].mean().item(), "key_ce": parts["key_ce"].mean().item(),
-                   "key_acc": parts["key_acc"].mean().item()}
-            if recon_rows:
-                rec.update(recon=recon.item(), recon_rows=float(len(recon_rows)))
+            terms = [loss, parts["kl"].mean(), parts["key_ce"].mean(), parts["key_acc"].mean(), *([recon] if recon_rows else [])]
         if self.world_size > 1:
+            if terms:
+                rec = self._read(terms, recon_rows=len(recon_rows))
             rec, tokens, any_rows = self._all_reduce(rec, tokens=tokens, skipped=skipped, wrong=wrong)
             if not any_rows:  # no rank had rows: every rank skips the update alike
                 self.step += 1
@@ -1032,14 +1069,37 @@ class DistillationTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
         gnorm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), c.grad_clip)
+        clock.mark()
+        if self.world_size == 1:  # the one wait: the loss terms and the gradient norm together
+            rec = self._read([*terms, gnorm], recon_rows=len(recon_rows))
+            rec["grad_norm"] = rec.pop("_last")
+        else:
+            rec["grad_norm"] = float(gnorm)
         self.optimizer.step()
         self.step += 1
         self.tokens_seen += tokens
-        rec.update(grad_norm=float(gnorm), lr=self.lr_at(self.step - 1))
+        rec["lr"] = self.lr_at(self.step - 1)
         if self._horizon is not None:
             rec.update(horizon=float(self._horizon))
-        t3 = time.perf_counter()
-        rec.update(s_data=t1 - t0, s_teacher=t2 - t1, s_student=t3 - t2)  # where a step's time goes (this rank's)
+        s_teacher, s_student = clock.spans()
+        # where a step's time goes (this rank's): on a GPU, the kernels' time from the teacher's start to the adapters,
+        # and from there to the gradients' norm; the host may have waited on neither
+        rec.update(s_data=t1 - t0, s_teacher=s_teacher, s_student=s_student)
+        return rec
+
+    def _read(self, terms: Sequence[torch.Tensor], *, recon_rows: int) -> dict[str, float]:
+        """The loss terms on the host, in one read (``loss, kl, key_ce, key_acc[, recon][, _last]``); a non-finite
+        loss stops the run before the optimizer moves."""
+        values = torch.stack([t.detach().float() for t in terms]).tolist()
+        if not math.isfinite(values[0]):
+            msg = f"Non-finite loss at step {self.step}: {values[0]}. Lower lr or check the data; state not saved."
+            raise FloatingPointError(msg)
+        names = ["loss", "kl", "key_ce", "key_acc", *(["recon"] if recon_rows else [])]
+        rec = dict(zip(names, values, strict=False))
+        if recon_rows:
+            rec["recon_rows"] = float(recon_rows)
+        if len(values) > len(names):
+            rec["_last"] = values[-1]
         return rec
 
     _REDUCED = ("loss", "kl", "key_ce", "key_acc")
@@ -1068,10 +1128,6 @@ class DistillationTrainer:
             self._horizon = round(stats[5] / self.world_size)
         means = {k: v / max(1.0, ranks_with_rows) for k, v in zip(self._REDUCED, stats[6:], strict=True)}
         return {**rec, **means}, int(stats[1]), ranks_with_rows > 0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def eval_teacher_forced(self, batch_size: int = 32) -> dict[str, dict[str, float]]:
         """Matched vs mismatched KL / key CE / key accuracy on the held-out sets (``teacher_forced_eval``)."""

@@ -148,8 +148,9 @@ def test_padding_never_changes_the_factors(net: Hypernetwork, base: BaseModel) -
             one_ids, one_mask = padded([tokens])
             alone = net(encode_context(base, one_ids, one_mask), one_mask)
             for module, (A, B) in alone.items():
-                torch.testing.assert_close(batched[module][0][row], A[0], rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(batched[module][1][row], B[0], rtol=1e-5, atol=1e-6)
+                # fused attention sums a padded row in another order: float noise (~3e-6), where a leak is O(1)
+                torch.testing.assert_close(batched[module][0][row], A[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(batched[module][1][row], B[0], rtol=1e-4, atol=1e-5)
     garbage = encode_context(base, ids, mask).clone()
     garbage[mask.bool()[:, None, :, None].logical_not().expand_as(garbage)] = 1e4  # padded positions
     with torch.inference_mode():

@@ -90,6 +90,23 @@ def test_train_steps_reduce_loss_and_reach_every_parameter(tiny_base, tmp_path):
     assert _step0_loss(trainer) < first  # the same batch again: the loss on step 0's data went down
 
 
+def test_a_non_finite_loss_stops_the_step_before_the_optimizer_moves(tiny_base, tmp_path):
+    """The step reads its loss once, after the backward pass: a NaN still stops it with the weights and step as they were."""
+    torch.manual_seed(0)
+    net = tiny_hypernet(tiny_base)
+    trainer = DistillationTrainer(tiny_base, net, config(), out_dir=tmp_path)
+    rec = trainer.train_step()
+    assert rec["grad_norm"] > 0 and rec["s_teacher"] > 0 and rec["s_student"] > 0 and set(rec) >= {"kl", "key_ce", "key_acc", "lr"}
+    with torch.no_grad():
+        next(iter(net.scaler_B.values())).fill_(float("nan"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 1: nan. Lower lr"):
+        trainer.train_step()
+    after = net.state_dict()
+    assert trainer.step == 1 and all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
+    assert not (tmp_path / "state.pt").exists()
+
+
 def test_resume_restores_weights_optimizer_and_step(tiny_base, tmp_path):
     torch.manual_seed(0)
     trainer = DistillationTrainer(tiny_base, tiny_hypernet(tiny_base), config(), out_dir=tmp_path)
