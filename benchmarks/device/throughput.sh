@@ -35,8 +35,8 @@ PY
   grep -m3 -i "error\|recompil" /root/tp/$mode/stdout.txt | cut -c1-300
 }
 # runs side by side would convert the GGUF into one cache folder at once and read each other's half-written files
-# (session 19): convert it once first
-[ "${PARALLEL:-0}" = 1 ] && python3 -c "from d2l_integrations.engine.base_model import load_base_model as m; m('/root/stage', device='cuda', gguf_file='smol.gguf')" 2>&1 | grep -v "^Converting" | tail -n 2
+# (session 19), and ranks of one process group each convert it too: convert it once first
+{ [ "${PARALLEL:-0}" = 1 ] || [ "${NPROC:-1}" -gt 1 ]; } && python3 -c "from d2l_integrations.engine.base_model import load_base_model as m; m('/root/stage', device='cuda', gguf_file='smol.gguf')" 2>&1 | grep -v "^Converting" | tail -n 2
 for batch in $BATCHES; do
   i=0
   for m in ${MODES:-prefetch no-prefetch}; do

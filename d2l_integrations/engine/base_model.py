@@ -293,6 +293,17 @@ def _convert_gguf(path: Path, folder: Path, dtype: torch.dtype) -> None:
         # blocks save_pretrained ("The model is quantized with gguf and is not serializable").
         model.hf_quantizer.remove_quantization_config(model)
     model = model.to(dtype)
+    # transformers writes a model only on rank 0 of an initialised process group (its rule for training checkpoints);
+    # this is a cache that every rank may need before rank 0 has written it, so each process writes its own copy. Under
+    # `torchrun --nproc-per-node 2` rank 1 renamed a folder with only the tokenizer over the cache, and both ranks then
+    # failed to load it (session 26)
+    model.should_save_on_this_rank = lambda is_main_process: True
     with atomic_folder(folder, keep_existing=True) as tmp, _quiet_progress():  # another process may win the race: keep its folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():
+            msg = (f"Converting {path.name} wrote no model into the cache (this transformers version saves models only on "
+                   "rank 0 of a process group). Convert it once before launching the ranks: python -c \"from "
+                   "d2l_integrations.engine.base_model import load_base_model as m; "
+                   f"m({str(path.parent)!r}, gguf_file={path.name!r})\"")
+            raise ModelNotFoundError(msg)

@@ -226,3 +226,32 @@ def test_compiled_passes_train_data_parallel_with_equal_weights(tmp_path):
     assert r0["step"] == r1["step"] == 3
     for k in r0["end"]:
         assert torch.equal(r0["end"][k], r1["end"][k]), k
+
+
+def _convert_worker(rank: int, world: int, store: str, cache: str, results: str) -> None:
+    _join(rank, world, store)
+    try:
+        from d2l_integrations.engine.base_model import default_gguf_path, load_base_model
+
+        os.environ["D2L_CACHE_DIR"] = cache
+        gguf = default_gguf_path()
+        if rank == 0:  # rank 1 converts first (the order that failed), then rank 0 reads its folder
+            dist.barrier()
+        base = load_base_model(str(gguf.parent), device="cpu", gguf_file=gguf.name)
+        with open(os.path.join(results, f"rank{rank}.txt"), "w") as fh:
+            fh.write(str(base.num_layers))
+        if rank == 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_process_group_can_convert_the_gguf_into_a_fresh_cache(tmp_path):
+    """transformers saves a model only on rank 0 of a process group: rank 1's conversion once renamed a folder with
+    only the tokenizer over the cache, and both ranks failed to load it (``torchrun``, session 26)."""
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    results.mkdir()
+    _spawn(_convert_worker, 2, str(tmp_path / "store"), str(cache), str(results))
+    assert [(results / f"rank{r}.txt").read_text() for r in range(2)] == ["30", "30"]
+    (folder,) = (cache / "models").iterdir()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
