@@ -1525,7 +1525,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the teacher and student passes (dynamic shapes; default backend inductor); a runtime "
                         "choice, so a run resumes with or without it. On a GPU with --batch-size 64: ~100k tok/s a process "
-                        "on an H200 against ~82k eager (training_log.md, session 22); ~81k on an H100 (session 25)")
+                        "on an H200 against ~82k eager (training_log.md, session 22); ~90k on an H100 (session 26)")
     p.add_argument("--hypernet-config", default=None, help="JSON of HypernetworkConfig overrides of SMOLLM2_135M_SHAPE")
     p.add_argument("--scaler-b-init", type=float, default=1.0, help="initial scaler_B of a fresh network (0 = published init; it stalls)")
     add_data_seed_arguments(p)
