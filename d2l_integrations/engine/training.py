@@ -1071,8 +1071,7 @@ class DistillationTrainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), c.grad_clip)
         clock.mark()
         if self.world_size == 1:  # the one wait: the loss terms and the gradient norm together
-            rec = self._read([*terms, gnorm], recon_rows=len(recon_rows))
-            rec["grad_norm"] = rec.pop("_last")
+            rec = self._read(terms, recon_rows=len(recon_rows), grad_norm=gnorm)
         else:
             rec["grad_norm"] = float(gnorm)
         self.optimizer.step()
@@ -1087,19 +1086,17 @@ class DistillationTrainer:
         rec.update(s_data=t1 - t0, s_teacher=s_teacher, s_student=s_student)
         return rec
 
-    def _read(self, terms: Sequence[torch.Tensor], *, recon_rows: int) -> dict[str, float]:
-        """The loss terms on the host, in one read (``loss, kl, key_ce, key_acc[, recon][, _last]``); a non-finite
-        loss stops the run before the optimizer moves."""
-        values = torch.stack([t.detach().float() for t in terms]).tolist()
+    def _read(self, terms: Sequence[torch.Tensor], *, recon_rows: int, grad_norm: torch.Tensor | None = None) -> dict[str, float]:
+        """The loss terms (``loss, kl, key_ce, key_acc[, recon]``) and the gradient norm on the host, in one read; a
+        non-finite loss stops the run before the optimizer moves."""
+        values = torch.stack([t.detach().float() for t in [*terms, *([grad_norm] if grad_norm is not None else [])]]).tolist()
         if not math.isfinite(values[0]):
             msg = f"Non-finite loss at step {self.step}: {values[0]}. Lower lr or check the data; state not saved."
             raise FloatingPointError(msg)
-        names = ["loss", "kl", "key_ce", "key_acc", *(["recon"] if recon_rows else [])]
-        rec = dict(zip(names, values, strict=False))
+        names = ["loss", "kl", "key_ce", "key_acc", *(["recon"] if recon_rows else []), *(["grad_norm"] if grad_norm is not None else [])]
+        rec = dict(zip(names, values, strict=True))
         if recon_rows:
             rec["recon_rows"] = float(recon_rows)
-        if len(values) > len(names):
-            rec["_last"] = values[-1]
         return rec
 
     _REDUCED = ("loss", "kl", "key_ce", "key_acc")
